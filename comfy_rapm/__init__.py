@@ -1,0 +1,1 @@
+"""RAPM core: plain torch, importable without ComfyUI."""

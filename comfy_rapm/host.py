@@ -1,0 +1,253 @@
+"""The one module that touches ComfyUI internals (`comfy.*`).
+
+Everything the core needs from the host goes through here: a denoiser over a ModelPatcher with
+ComfyUI's own conditioning and CFG, the model's sampling object, seeded noise, latent-space
+conversion, weight functions for adapters, stock LoRA application, progress and Cancel.
+Imported only inside a ComfyUI process."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+
+Conditioning = list  # ComfyUI CONDITIONING: [[cross_attn tensor, {extra}], ...]
+
+
+# --- conditioning -------------------------------------------------------------------------
+
+def single_entry(conditioning: Conditioning, what: str) -> tuple[torch.Tensor, dict]:
+    if not isinstance(conditioning, list) or len(conditioning) != 1 or len(conditioning[0]) != 2:
+        raise ValueError(f"{what}: expected the output of one text encode (one conditioning entry), "
+                         f"got {len(conditioning) if isinstance(conditioning, list) else type(conditioning).__name__} "
+                         "entries; RAPM does not support combined, area or masked conditioning")
+    return conditioning[0][0], conditioning[0][1]
+
+
+def stack_conditioning(conditionings: list[Conditioning], what: str = "conditioning") -> Conditioning:
+    """Batch one-prompt conditionings into one CONDITIONING whose row i belongs to latent i.
+    Token lengths are padded by repetition to their least common multiple, as ComfyUI does."""
+    entries = [single_entry(c, what) for c in conditionings]
+    length = 1
+    for tensor, _ in entries:
+        length = math.lcm(length, tensor.shape[1])
+    tensors = [t.repeat(1, length // t.shape[1], 1) if t.shape[1] < length else t for t, _ in entries]
+    extra = {}
+    for key, value in entries[0][1].items():
+        values = [e[1].get(key) for e in entries]
+        if isinstance(value, torch.Tensor):
+            extra[key] = torch.cat(values)
+        elif all(v == value for v in values):
+            extra[key] = value
+        else:
+            raise ValueError(f"{what}: prompts in one batch differ in '{key}' ({values[:3]}…)")
+    return [[torch.cat(tensors), extra]]
+
+
+# --- the denoiser -------------------------------------------------------------------------
+
+class Denoiser:
+    """CFG denoised prediction of a loaded model at any σ, for a batch.
+
+    `denoiser(x, sigma, conds, cfg)`: x in model space (batch B), sigma one per item, conds from
+    `prepare(positive, negative)` (or None for the conditioning the context was opened with).
+    Conditioning rows are repeated to the batch if the conditioning has batch 1."""
+
+    def __init__(self, guider, model_options, seed):
+        self._guider = guider
+        self._model_options = model_options
+        self._seed = seed
+        self.default_conds = guider.conds
+        self.model_sampling = guider.inner_model.model_sampling
+        self.device = guider.model_patcher.load_device
+
+    def prepare(self, positive: Conditioning, negative: Conditioning, latent_shape=None):
+        conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
+                 "negative": comfy.sampler_helpers.convert_cond(negative)}
+        shape = latent_shape or (1,) + tuple(self._latent_shape[1:])
+        noise = torch.zeros(shape, device=self.device)
+        return comfy.samplers.process_conds(self._guider.inner_model, noise, conds, self.device)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds=None, cfg: float = 1.0) -> torch.Tensor:
+        g = self._guider
+        g.conds = conds if conds is not None else self.default_conds
+        g.cfg = cfg
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        try:
+            return g(x, sigma, model_options=self._model_options, seed=self._seed)
+        finally:
+            g.conds = self.default_conds
+
+
+class _CallbackSampler(comfy.samplers.Sampler):
+    """A ComfyUI sampler whose body is our function: it runs with the model loaded, conditioning
+    processed and patches applied exactly as in any KSampler run."""
+
+    def __init__(self, fn, latent_shape):
+        self.fn = fn
+        self.latent_shape = latent_shape
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        denoiser = Denoiser(model_wrap, extra_args.get("model_options", {}), extra_args.get("seed"))
+        denoiser._latent_shape = self.latent_shape
+        self.result = self.fn(denoiser)
+        return noise
+
+
+def run_with_denoiser(model, positive: Conditioning, negative: Conditioning, latent_shape, fn: Callable,
+                      seed: int = 0):
+    """Load `model` through ComfyUI's sampling path and call fn(denoiser) inside it; returns fn's
+    result. `latent_shape` (model-space latent, batch first) sizes memory estimates and conds."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    sampler = _CallbackSampler(fn, tuple(latent_shape))
+    dummy = torch.zeros(tuple(latent_shape))
+    guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), disable_pbar=True, seed=seed)
+    return sampler.result
+
+
+# --- model facts --------------------------------------------------------------------------
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def latent_channels(model) -> int:
+    return int(model.model.latent_format.latent_channels)
+
+
+def latent_downscale(model) -> int:
+    return int(getattr(model.model.latent_format, "spacial_downscale_ratio", 8))
+
+
+def model_family(model) -> str:
+    """A short name of the model's config class (SD15, SDXL, …): compatibility checks and metadata."""
+    return type(model.model.model_config).__name__
+
+
+def is_sdxl_like(model) -> bool:
+    return "SDXL" in model_family(model) or "SDXL" in type(model.model).__name__
+
+
+def process_latent_in(model, samples: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_in(samples)
+
+
+def process_latent_out(model, samples: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_out(samples)
+
+
+def fix_empty_latent_channels(model, samples: torch.Tensor) -> torch.Tensor:
+    return comfy.sample.fix_empty_latent_channels(model, samples)
+
+
+def prepare_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
+    """The noise ComfyUI's samplers draw for this latent and seed (CPU generator)."""
+    return comfy.sample.prepare_noise(samples, seed, batch_index)
+
+
+def unet_state_fingerprint(model, max_tensors: int = 64) -> str:
+    """A cheap fingerprint of the base weights (shapes + a few values of evenly spaced tensors)."""
+    import hashlib
+    sd = model.model.diffusion_model.state_dict()
+    keys = sorted(sd)
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(f"{k}:{tuple(sd[k].shape)};".encode())
+    step = max(1, len(keys) // max_tensors)
+    for k in keys[::step]:
+        flat = sd[k].detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# --- adapters -----------------------------------------------------------------------------
+
+def weight_modules(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Modules of the diffusion model whose weights ComfyUI casts through weight functions,
+    by their key prefix in a LoRA file (`diffusion_model.…`)."""
+    out = {}
+    for name, module in model.model.named_modules():
+        if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
+            out[name] = (tuple(module.weight.shape), module.weight.dtype)
+    return out
+
+
+def _frozen_copy(tensor: torch.Tensor) -> torch.Tensor:
+    # ComfyUI copies a weight before its weight functions run, so the loader's inference tensors
+    # never enter the autograd graph; detaching keeps base weights from ever receiving gradients.
+    return tensor.detach()
+
+
+def with_weight_functions(model, functions: dict[str, Callable]):
+    """A clone of `model` whose listed module weights pass through functions[name] (adapters),
+    and whose every other weight and bias is cast through a copy, so gradients can flow through
+    the frozen network to its inputs. The cached model other nodes hold is left untouched."""
+    patched = model.clone()
+    for name, module in model.model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        if getattr(module, "weight", None) is not None:
+            patched.add_weight_wrapper(f"{name}.weight", functions.get(name, _frozen_copy))
+        if getattr(module, "bias", None) is not None:
+            patched.add_weight_wrapper(f"{name}.bias", _frozen_copy)
+    return patched
+
+
+def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
+    """Teacher + LoRA the way the stock 'Load LoRA Model' node applies it."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_state_dict, strength, 0)
+    return patched
+
+
+def load_models(models: list) -> None:
+    comfy.model_management.load_models_gpu(models)
+
+
+def device_for(model) -> torch.device:
+    return model.load_device
+
+
+# --- progress and cancel ------------------------------------------------------------------
+
+class Progress:
+    """The host's progress bar (the UI's bar with ETA; a terminal bar under headless/run.py).
+    update() raises the host's interrupt exception when the user pressed Cancel."""
+
+    def __init__(self, total: int, node_id=None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.total = total
+
+    def update_absolute(self, value: int, preview=None):
+        self.bar.update_absolute(value, self.total, preview)
+
+    def update(self, n: int = 1):
+        self.bar.update(n)
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def interrupt_exception() -> type:
+    return comfy.model_management.InterruptProcessingException
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, comfy.model_management.OOM_EXCEPTION)
+
+
+def soft_empty_cache() -> None:
+    comfy.model_management.soft_empty_cache()

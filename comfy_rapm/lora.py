@@ -1,0 +1,101 @@
+"""The student's LoRA: created over the frozen teacher, switched on for student passes and off for
+teacher and discriminator-backbone passes (one UNet in memory), saved in keys ComfyUI's stock
+LoRA loaders apply.
+
+A layer is a weight function w ↦ w + (α/r)·up·down, the form ComfyUI casts weights through."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+# PCM's targets (diffusers names) in ComfyUI's UNet naming: attention q/k/v/out, proj_in/out,
+# feed-forward, resnet convs (in/out/skip), time_emb_proj, down/up-sample convs.
+DEFAULT_TARGETS = (
+    r"\.attn[12]\.to_(q|k|v)$", r"\.attn[12]\.to_out\.0$", r"\.ff\.net\.0\.proj$", r"\.ff\.net\.2$",
+    r"\.proj_(in|out)$", r"\.in_layers\.2$", r"\.out_layers\.3$", r"\.skip_connection$", r"\.emb_layers\.1$",
+    r"_blocks\.\d+\.0\.op$", r"output_blocks\.\d+\.\d+\.conv$",
+)
+
+
+def select_targets(modules: dict[str, tuple], patterns=DEFAULT_TARGETS) -> list[str]:
+    compiled = [re.compile(p) for p in patterns]
+    return sorted(n for n, (shape, _) in modules.items()
+                  if len(shape) >= 2 and any(p.search(n) for p in compiled))
+
+
+class LoRALayer(nn.Module):
+    def __init__(self, weight_shape: tuple[int, ...], rank: int, alpha: float, owner: "LoRA",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        out_features, in_features = weight_shape[0], weight_shape[1]
+        kernel = tuple(weight_shape[2:])
+        rank = min(rank, out_features, in_features * math.prod(kernel))
+        self.rank, self.alpha, self.weight_shape = rank, float(alpha), tuple(weight_shape)
+        down = torch.empty((rank, in_features) + kernel)
+        bound = 1.0 / math.sqrt(in_features * math.prod(kernel))  # kaiming-uniform with a=sqrt(5), as peft
+        down.uniform_(-bound, bound, generator=generator)
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(torch.zeros((out_features, rank) + (1,) * len(kernel)))
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule
+
+    def delta(self) -> torch.Tensor:
+        return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape) * (self.alpha / self.rank)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach()  # the base weight is frozen, whatever its requires_grad flag says
+        if not self._owner[0].enabled:
+            return weight
+        return weight + self.delta().to(weight.dtype)
+
+
+class LoRA(nn.Module):
+    """All student LoRA layers, keyed by module name in the diffusion model (`diffusion_model.…`)."""
+
+    def __init__(self, modules: dict[str, tuple], rank: int = 64, alpha: float = 8.0,
+                 targets=DEFAULT_TARGETS, seed: int = 0):
+        super().__init__()
+        names = select_targets(modules, targets)
+        if not names:
+            raise ValueError("no LoRA target layers found in this model")
+        g = torch.Generator().manual_seed(seed)
+        self.names = names
+        self.layers = nn.ModuleList(LoRALayer(modules[n][0], rank, alpha, self, g) for n in names)
+        self.rank, self.alpha = rank, float(alpha)
+        self.enabled = True
+
+    def functions(self) -> dict[str, LoRALayer]:
+        return dict(zip(self.names, self.layers))
+
+    def set_enabled(self, enabled: bool) -> "LoRA":
+        self.enabled = enabled
+        return self
+
+    def comfy_state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        """Keys ComfyUI's own trainer writes and every stock loader applies:
+        `diffusion_model.<module>.lora_up.weight / .lora_down.weight / .alpha`."""
+        out = {}
+        for name, layer in zip(self.names, self.layers):
+            out[f"{name}.lora_up.weight"] = layer.up.detach().to(dtype).contiguous()
+            out[f"{name}.lora_down.weight"] = layer.down.detach().to(dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(layer.alpha)
+        return out
+
+    def load_comfy_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers):
+                layer.up.copy_(state[f"{name}.lora_up.weight"])
+                layer.down.copy_(state[f"{name}.lora_down.weight"])
+
+
+def kohya_state_dict(comfy_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`diffusion_model.a.b.c.lora_up.weight` → `lora_unet_a_b_c.lora_up.weight` (kohya / A1111 form)."""
+    out = {}
+    for key, value in comfy_state.items():
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
+            if key.endswith(suffix):
+                module = key[: -len(suffix)].removeprefix("diffusion_model.")
+                out["lora_unet_" + module.replace(".", "_") + suffix] = value
+    return out

@@ -1,0 +1,81 @@
+"""Start ComfyUI's own machinery in this process (no HTTP server): the node registry, the
+folder paths and the executor. Shared by headless/run.py and the tests.
+
+Order matters (DESIGN.md §3): cli args before comfy.model_management, utils.extra_config before
+nodes, custom nodes loaded through the host's own loader."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class HostNotFound(RuntimeError):
+    pass
+
+
+def find_comfyui(explicit: str | None = None) -> Path:
+    """--comfyui, then COMFYUI_PATH, then the repo's .comfyui/ComfyUI."""
+    for source, candidate in (("--comfyui", explicit), ("COMFYUI_PATH", os.environ.get("COMFYUI_PATH")),
+                              ("the repo", str(REPO / ".comfyui" / "ComfyUI"))):
+        if candidate:
+            path = Path(candidate).expanduser().resolve()
+            if (path / "main.py").is_file() and (path / "comfy").is_dir():
+                return path
+            if source != "the repo":
+                raise HostNotFound(f"{source} points at {path}, which is not a ComfyUI folder (no main.py and comfy/)")
+    raise HostNotFound("ComfyUI not found: pass --comfyui PATH, set COMFYUI_PATH, or run `make setup` "
+                       "to install the host at .comfyui/ComfyUI")
+
+
+_booted: dict = {}
+
+
+def boot(comfyui: str | None = None, cpu: bool | None = None, output_directory: str | None = None,
+         input_directory: str | None = None, extra_model_dirs: tuple[str, ...] = (), quiet: bool = True):
+    """Import ComfyUI in-process once and load every node (built-in extras and custom nodes,
+    this pack included). Returns the host's `nodes` module. Later calls only change folders."""
+    if not _booted:
+        path = find_comfyui(comfyui)
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        if quiet:
+            logging.getLogger().setLevel(logging.WARNING)
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+        if cpu is None:
+            import torch
+            cpu = not torch.cuda.is_available()
+        comfy.cli_args.args.cpu = bool(cpu)
+        import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+        import utils.extra_config  # noqa: F401  (before `nodes`, or `utils` is shadowed by comfy/utils.py)
+        import nodes
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        if not any(name.startswith("RAPM") for name in nodes.NODE_CLASS_MAPPINGS):
+            # The pack is not linked into this host's custom_nodes/: load it from the repo.
+            asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
+        _booted.update(path=path, nodes=nodes)
+    import folder_paths
+    if output_directory:
+        os.makedirs(output_directory, exist_ok=True)
+        folder_paths.set_output_directory(os.path.abspath(output_directory))
+    if input_directory:
+        os.makedirs(input_directory, exist_ok=True)
+        folder_paths.set_input_directory(os.path.abspath(input_directory))
+    for folder in extra_model_dirs:
+        add_model_root(folder)
+    return _booted["nodes"]
+
+
+def add_model_root(root: str) -> None:
+    """Register ROOT/<kind>/ (checkpoints, loras, …) as an extra model folder for each kind."""
+    import folder_paths
+    for kind in list(folder_paths.folder_names_and_paths):
+        sub = os.path.join(root, kind)
+        if os.path.isdir(sub):
+            folder_paths.add_model_folder_path(kind, sub, is_default=True)

@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parent.parent
+for p in (str(REPO), str(REPO / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quality: the quality-benchmark miniature (data prep, teacher, eval)")
+    config.addinivalue_line("markers", "server: starts the real ComfyUI server")
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """ComfyUI imported in-process (CPU) with every node loaded, this pack included.
+    Returns the host's `nodes` module; output/input folders point into a temp dir."""
+    from headless.comfy_host import boot
+    base = tmp_path_factory.mktemp("comfy")
+    return boot(cpu=True, output_directory=str(base / "output"), input_directory=str(base / "input"))

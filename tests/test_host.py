@@ -1,0 +1,83 @@
+"""The host module: gradients reach adapters and never base weights; the cached model stays as it was."""
+import torch
+
+import tiny_models
+from comfy_rapm import lora as lora_mod
+
+
+def _load_checkpoint_like_the_executor(host, tmp_path):
+    import folder_paths
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    tiny_models.make_sd15_checkpoint(str(d / "tiny.safetensors"))
+    folder_paths.add_model_folder_path("checkpoints", str(d))
+    with torch.inference_mode():  # every node runs like this: the loaded weights are inference tensors
+        model, clip, _ = host.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint("tiny.safetensors")
+        cond = host.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode(clip, "a red apple")[0]
+        uncond = host.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode(clip, "")[0]
+    return model, cond, uncond
+
+
+def _denoise_once(model, pos, neg, x, sigma, cfg):
+    from comfy_rapm import host as h
+    return h.run_with_denoiser(model, pos, neg, x.shape, lambda d: d(x.to(d.device), sigma, cfg=cfg).detach().cpu())
+
+
+def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, tmp_path):
+    from comfy_rapm import host as h
+    model, pos, neg = _load_checkpoint_like_the_executor(host, tmp_path)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([3.0, 0.5])
+    flags_before = [p.requires_grad for p in model.model.parameters()]
+    with torch.inference_mode():
+        before = _denoise_once(model, pos, neg, x, sigma, cfg=2.0)
+
+    with torch.inference_mode(), torch.inference_mode(False):
+        adapters = lora_mod.LoRA(h.weight_modules(model), rank=4, alpha=4, seed=0)
+        for layer in adapters.layers:  # non-zero up, so the adapter changes the output
+            torch.nn.init.normal_(layer.up, std=0.05)
+        student = h.with_weight_functions(model, adapters.functions())
+        x_in = x.clone().requires_grad_(True)
+
+        def step(d):
+            out = d(x_in.to(d.device), sigma, cfg=2.0)
+            out.square().mean().backward()
+            adapters.set_enabled(False)
+            with torch.no_grad():
+                teacher = d(x.to(d.device), sigma, cfg=2.0)
+            adapters.set_enabled(True)
+            return out.detach(), teacher
+        out, teacher_through_student = h.run_with_denoiser(student, pos, neg, x.shape, step)
+
+    assert all(layer.up.grad is not None and layer.up.grad.abs().sum() > 0 for layer in adapters.layers)
+    assert x_in.grad is not None and x_in.grad.abs().sum() > 0  # flows through every frozen layer
+    assert [n for n, p in model.model.named_parameters() if p.grad is not None] == []
+    assert [p.requires_grad for p in model.model.parameters()] == flags_before  # not even flags touched
+    assert (out - before).abs().max() > 1e-4  # the adapter is in the graph
+    torch.testing.assert_close(teacher_through_student, before, rtol=1e-5, atol=1e-5)  # LoRA off = teacher
+
+    with torch.inference_mode():
+        after = _denoise_once(model, pos, neg, x, sigma, cfg=2.0)
+    assert torch.equal(after, before)
+
+
+def test_sdxl_style_conditioning_with_pooled_output_and_size(host):
+    from comfy_rapm import host as h
+    model = tiny_models.make_model_patcher("sdxl")
+    a, b = tiny_models.make_conditioning("sdxl", seed=1), tiny_models.make_conditioning("sdxl", seed=2)
+    stacked = h.stack_conditioning([a, b])
+    assert stacked[0][0].shape[0] == 2 and stacked[0][1]["pooled_output"].shape == (2, 1280)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([2.0, 2.0])
+    with torch.inference_mode():
+        both = _denoise_once(model, stacked, h.stack_conditioning([b, b]), x, sigma, cfg=1.0)
+        first = _denoise_once(model, a, b, x[:1], sigma[:1], cfg=1.0)
+        second = _denoise_once(model, b, b, x[1:], sigma[1:], cfg=1.0)
+        other_pool = [[a[0][0], dict(a[0][1], pooled_output=torch.zeros(1, 1280))]]
+        changed = _denoise_once(model, other_pool, b, x[:1], sigma[:1], cfg=1.0)
+        bigger = [[a[0][0], dict(a[0][1], width=512, height=768)]]
+        resized = _denoise_once(model, bigger, b, x[:1], sigma[:1], cfg=1.0)
+    torch.testing.assert_close(both[:1], first, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1:], second, rtol=1e-4, atol=1e-5)
+    assert (changed - first).abs().max() > 1e-5  # the pooled output reaches the model
+    assert (resized - first).abs().max() > 1e-5  # so does the size conditioning
