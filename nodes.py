@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .comfy_rapm import host, sampler
+import os
+
+from .comfy_rapm import host, progress, sampler, storage, trajectories
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -60,9 +62,153 @@ class RAPMSampler:
         return (out,)
 
 
+TRAJECTORY_FOLDER = "rapm_trajectories"
+
+
+def trajectory_root() -> str:
+    return os.path.join(host.output_directory(), TRAJECTORY_FOLDER)
+
+
+def _read_prompts(node: str, prompts: str, prompts_file: str) -> list[str]:
+    lines = trajectories.parse_prompts(prompts)
+    if prompts_file and prompts_file.strip():
+        try:
+            path = storage.child_path(host.input_directory(), prompts_file.strip(), "prompts_file")
+        except ValueError as e:
+            raise NodeInputError(node, "prompts_file", f"{e}; name a text file inside ComfyUI's input folder") from None
+        if not path.is_file():
+            raise NodeInputError(node, "prompts_file", f"{path} does not exist; put the file in ComfyUI's input folder")
+        lines += trajectories.parse_prompts(path.read_text(encoding="utf-8"))
+    if not lines:
+        raise NodeInputError(node, "prompts", "no prompts: write one prompt per line (lines starting with # are ignored)")
+    return lines
+
+
+class RAPMTeacherTrajectory:
+    """Precompute the teacher's sampling trajectories that RAPMTrain learns from."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The teacher."}),
+            "clip": ("CLIP",),
+            "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na watercolor landscape",
+                                   "tooltip": "One prompt per line; blank lines and # comments are ignored. Cycled to reach count."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+            "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+            "count": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip": "How many trajectories (the paper uses 1000)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "N: the student's step count."}),
+            "fine_steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "M: teacher DDIM steps inside each of the N slots."}),
+            "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Teacher guidance (SD1.5: 5-6, SDXL: 7-8). The student learns it; it samples at cfg 1."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Trajectory i uses noise seed + i."}),
+            "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Trajectories computed at once (8 fits SD1.5 at 512 px in 12 GB)."}),
+            "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
+        }, "optional": {
+            "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("RAPM_TRAJECTORIES",)
+    RETURN_NAMES = ("trajectories",)
+    FUNCTION = "generate"
+    OUTPUT_NODE = True
+    CATEGORY = "training/RAPM"
+    DESCRIPTION = "Teacher trajectories: N+1 positions per noise, by M-step DDIM with CFG in each slot, stored safely and resumably."
+
+    def generate(self, model, clip, prompts, negative_prompt, width, height, count, steps, fine_steps, cfg, seed,
+                 batch_size, name, prompts_file="", unique_id=None):
+        node = "RAPMTeacherTrajectory"
+        try:
+            name = storage.check_name(name, "name")
+        except ValueError as e:
+            raise NodeInputError(node, "name", str(e)) from None
+        factor = host.latent_downscale(model)
+        if width % factor or height % factor:
+            raise NodeInputError(node, "width" if width % factor else "height",
+                                 f"{width}×{height} is not a multiple of {factor}, the model's latent scale")
+        latent_shape = (host.latent_channels(model), height // factor, width // factor)
+        spec = trajectories.Spec(
+            prompts=_read_prompts(node, prompts, prompts_file), negative_prompt=negative_prompt, width=width,
+            height=height, count=count, steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed,
+            batch_size=batch_size, model=host.model_info(model, latent_shape))
+        try:
+            store = trajectories.Store.open(os.path.join(trajectory_root(), name), spec)
+        except ValueError as e:
+            raise NodeInputError(node, "name", str(e)) from None
+
+        size_extra = {"width": width, "height": height, "crop_w": 0, "crop_h": 0,
+                      "target_width": width, "target_height": height} if host.is_sdxl_like(model) else {}
+        encoded = {}
+
+        def encode(text):
+            if text not in encoded:
+                cond = host.encode_text(clip, text)
+                encoded[text] = [[cond[0][0], dict(cond[0][1], **size_extra)]]
+            return encoded[text]
+
+        bar = host.Progress(count, unique_id)
+        clock = progress.Clock(count, count - sum(s.count for s in store.pending()), "traj")
+        slots = spec.slots()
+
+        def run_batch(batch_prompts, seeds):
+            positive = host.stack_conditioning([encode(p) for p in batch_prompts], "prompts")
+            negative = host.stack_conditioning([encode(negative_prompt)] * len(seeds), "negative_prompt")
+            noise = torch.cat([host.prepare_noise(torch.zeros((1,) + latent_shape), s) for s in seeds])
+
+            def body(denoiser):
+                return trajectories.generate_positions(
+                    lambda x, sig: denoiser(x, sig, cfg=cfg), denoiser.model_sampling,
+                    noise.to(denoiser.device), slots, on_step=host.check_interrupt).float().cpu()
+
+            positions = host.run_with_denoiser(model, positive, negative, noise.shape, body, seed=seeds[0])
+            pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
+            neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
+            return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
+
+        def batch_done(done, total):
+            bar.update_absolute(done)
+            bar.text(clock.text(done))
+
+        bar.update_absolute(count - sum(s.count for s in store.pending()))
+        trajectories.generate(store, run_batch, batch_done)
+        return (trajectories.TrajectorySet(store.folder),)
+
+
+class RAPMLoadTrajectories:
+    """Pick a stored trajectory set, to retrain without recomputing it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        sets = trajectories.list_sets(trajectory_root()) or ["(none found)"]
+        return {"required": {"name": (sets, {"tooltip": "Sets under output/rapm_trajectories/."})}}
+
+    RETURN_TYPES = ("RAPM_TRAJECTORIES",)
+    RETURN_NAMES = ("trajectories",)
+    FUNCTION = "load"
+    CATEGORY = "training/RAPM"
+
+    @classmethod
+    def IS_CHANGED(cls, name):
+        path = os.path.join(trajectory_root(), name, "manifest.json")
+        return storage.sha256_file(path) if os.path.isfile(path) else name
+
+    def load(self, name):
+        node = "RAPMLoadTrajectories"
+        try:
+            folder = storage.child_path(trajectory_root(), storage.check_name(name, "name"), "name")
+            return (trajectories.TrajectorySet(folder),)
+        except (ValueError, FileNotFoundError) as e:
+            raise NodeInputError(node, "name", f"{e}. Make the set with a Teacher Trajectories (RAPM) node first.") from None
+
+
 NODE_CLASS_MAPPINGS = {
     "RAPMSampler": RAPMSampler,
+    "RAPMTeacherTrajectory": RAPMTeacherTrajectory,
+    "RAPMLoadTrajectories": RAPMLoadTrajectories,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RAPMSampler": "RAPM Sampler",
+    "RAPMTeacherTrajectory": "Teacher Trajectories (RAPM)",
+    "RAPMLoadTrajectories": "Load Trajectories (RAPM)",
 }

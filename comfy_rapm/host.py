@@ -117,6 +117,30 @@ def run_with_denoiser(model, positive: Conditioning, negative: Conditioning, lat
     return sampler.result
 
 
+# --- text and folders -----------------------------------------------------------------------
+
+def encode_text(clip, text: str) -> Conditioning:
+    """What the stock CLIPTextEncode node does."""
+    if clip is None:
+        raise ValueError("the clip input is empty: the checkpoint has no text encoder; connect a CLIP loader")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def output_directory() -> str:
+    import folder_paths
+    return folder_paths.get_output_directory()
+
+
+def input_directory() -> str:
+    import folder_paths
+    return folder_paths.get_input_directory()
+
+
+def lora_directory() -> str:
+    import folder_paths
+    return folder_paths.get_folder_paths("loras")[0]
+
+
 # --- model facts --------------------------------------------------------------------------
 
 def model_sampling(model):
@@ -155,6 +179,18 @@ def fix_empty_latent_channels(model, samples: torch.Tensor) -> torch.Tensor:
 def prepare_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
     """The noise ComfyUI's samplers draw for this latent and seed (CPU generator)."""
     return comfy.sample.prepare_noise(samples, seed, batch_index)
+
+
+def model_info(model, latent_shape=None) -> dict:
+    """What a trajectory set or LoRA records about its teacher, to refuse mismatches later."""
+    ms = model_sampling(model)
+    info = {"family": model_family(model), "latent_channels": latent_channels(model),
+            "prediction": "+".join(b.__name__ for b in type(ms).__bases__),
+            "num_timesteps": int(getattr(ms, "sigmas").shape[0]) if hasattr(ms, "sigmas") else 1000,
+            "fingerprint": unet_state_fingerprint(model)}
+    if latent_shape is not None:
+        info["latent_shape"] = [int(v) for v in latent_shape]
+    return info
 
 
 def unet_state_fingerprint(model, max_tensors: int = 64) -> str:
@@ -223,12 +259,23 @@ def device_for(model) -> torch.device:
 # --- progress and cancel ------------------------------------------------------------------
 
 class Progress:
-    """The host's progress bar (the UI's bar with ETA; a terminal bar under headless/run.py).
-    update() raises the host's interrupt exception when the user pressed Cancel."""
+    """The host's progress bar (the node's bar in the UI; a terminal bar under headless/run.py)
+    plus a text line on the node (rate, ETA, losses). The host's hook raises its interrupt
+    exception from update() when the user pressed Cancel."""
 
     def __init__(self, total: int, node_id=None):
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.total = total
+        self.node_id = node_id
+
+    def text(self, message: str) -> None:
+        if self.node_id is None:
+            return
+        try:
+            from server import PromptServer
+            PromptServer.instance.send_progress_text(message, self.node_id)
+        except Exception:  # no server (tests) or an older host: the bar still works
+            pass
 
     def update_absolute(self, value: int, preview=None):
         self.bar.update_absolute(value, self.total, preview)

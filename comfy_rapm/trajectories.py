@@ -1,0 +1,294 @@
+"""Teacher trajectories: generation and the on-disk store.
+
+One trajectory is the initial noise z̃_N and the teacher's positions z̃_{N-1} … z̃_0, each reached
+by M-step DDIM with CFG inside its slot, all in the paper's VP space. A set is a folder:
+
+    <name>/manifest.json             what made it (model, grid, cfg, prompts, seed…) + finished shards
+    <name>/shard-00000.safetensors   one batch: positions, the text conditioning as the teacher saw it,
+                                     seeds; prompts and scalar conditioning entries in the metadata
+
+Shards are written atomically and the manifest after each, so a crash or Cancel loses at most the
+batch in flight, and a rerun with the same inputs continues where it stopped."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import schedule, solver, storage
+
+FORMAT = "rapm-trajectories"
+FORMAT_VERSION = 1
+SAMPLER_VERSION = 1  # bump when the numbers a given set of inputs produces change
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+@dataclass
+class Spec:
+    """Everything that determines a set's content. Two runs with equal specs give identical files."""
+    prompts: list[str]
+    negative_prompt: str
+    width: int
+    height: int
+    count: int
+    steps: int
+    fine_steps: int
+    cfg: float
+    seed: int
+    batch_size: int
+    model: dict = field(default_factory=dict)  # family, latent_shape, fingerprint, prediction, num_timesteps
+
+    def prompt(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)]
+
+    def seed_of(self, index: int) -> int:
+        return self.seed + index
+
+    def timesteps(self) -> list[int]:
+        return schedule.trailing_timesteps(self.steps, self.model.get("num_timesteps", 1000))
+
+    def slots(self) -> list[list[int]]:
+        return schedule.slot_timesteps(self.steps, self.fine_steps, self.model.get("num_timesteps", 1000))
+
+    def inputs(self) -> dict:
+        return {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "width": self.width,
+                "height": self.height, "count": self.count, "steps": self.steps, "fine_steps": self.fine_steps,
+                "cfg": float(self.cfg), "seed": self.seed, "batch_size": self.batch_size, "model": self.model,
+                "sampler_version": SAMPLER_VERSION}
+
+
+def generate_positions(denoise: solver.Denoiser, model_sampling, noise: torch.Tensor, slots: list[list[int]],
+                       on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """(B, N+1, C, H, W) VP positions z̃_N … z̃_0 from model-space noise, M-step DDIM per slot."""
+    sigma_top = schedule.sigma_at(model_sampling, slots[0][0]).to(noise.device)
+    x = schedule.initial_latent(model_sampling, noise, sigma_top)
+    positions = [schedule.to_vp(x, sigma_top, model_sampling)]
+    for slot in slots:
+        sigmas = schedule.sigma_at(model_sampling, slot).to(noise.device)
+        x, _ = solver.ddim(denoise, x, sigmas, callback=(lambda _i: on_step()) if on_step else None)
+        positions.append(schedule.to_vp(x, sigmas[-1], model_sampling))
+    return torch.stack(positions, dim=1)
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs.append(f"{key} ({_describe_difference(a, b)})")
+            elif isinstance(a, list) and len(str(a)) > 80:
+                diffs.append(f"{key} (a different list of {len(a)} vs {len(b) if isinstance(b, list) else b})")
+            else:
+                diffs.append(f"{key}: {a!r} → {b!r}")
+    return "; ".join(diffs)
+
+
+@dataclass
+class Shard:
+    index: int
+    start: int
+    count: int
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.index:05d}.safetensors"
+
+
+class Store:
+    """A trajectory set being written. `open()` creates the folder or resumes it."""
+
+    def __init__(self, folder: Path, spec: Spec, manifest: dict):
+        self.folder, self.spec, self.manifest = folder, spec, manifest
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, spec: Spec) -> "Store":
+        folder = Path(folder)
+        path = folder / "manifest.json"
+        if path.exists():
+            manifest = storage.read_json(path)
+            if manifest.get("inputs") != json.loads(json.dumps(spec.inputs())):
+                raise ValueError(
+                    f"a trajectory set named '{folder.name}' already exists with different inputs "
+                    f"({_describe_difference(manifest.get('inputs', {}), json.loads(json.dumps(spec.inputs())))}). "
+                    f"Choose another name, or delete {folder} to recompute it.")
+            done = {s["file"]: s for s in manifest["shards"]}
+            manifest["shards"] = [s for s in done.values()
+                                  if (folder / s["file"]).exists() and storage.sha256_file(folder / s["file"]) == s["sha256"]]
+        else:
+            if folder.exists() and any(folder.iterdir()):
+                raise ValueError(f"{folder} exists and is not a trajectory set (no manifest.json); choose another name")
+            folder.mkdir(parents=True, exist_ok=True)
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "inputs": spec.inputs(), "shards": [],
+                        "complete": False}
+        store = cls(folder, spec, manifest)
+        store._write_manifest()
+        return store
+
+    def all_shards(self) -> list[Shard]:
+        b = self.spec.batch_size
+        return [Shard(i, start, min(b, self.spec.count - start)) for i, start in enumerate(range(0, self.spec.count, b))]
+
+    def pending(self) -> list[Shard]:
+        done = {s["file"] for s in self.manifest["shards"]}
+        return [s for s in self.all_shards() if s.file not in done]
+
+    def write_shard(self, shard: Shard, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        path = self.folder / shard.file
+        # One metadata key: safetensors writes several in random order, and shards must be reproducible.
+        storage.write_safetensors(path, tensors, {"rapm": json.dumps(metadata, sort_keys=True)})
+        entry = {"file": shard.file, "start": shard.start, "count": shard.count, "sha256": storage.sha256_file(path)}
+        self.manifest["shards"] = sorted([s for s in self.manifest["shards"] if s["file"] != shard.file] + [entry],
+                                         key=lambda s: s["start"])
+        self.manifest["complete"] = not self.pending()
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        spec = self.spec
+        self.manifest.update({
+            "model": spec.model, "steps": spec.steps, "fine_steps": spec.fine_steps, "cfg": float(spec.cfg),
+            "timesteps": spec.timesteps(), "slot_timesteps": spec.slots(), "count": spec.count,
+            "sampler_version": SAMPLER_VERSION, "width": spec.width, "height": spec.height,
+        })
+        self.manifest["complete"] = not self.pending()
+        storage.write_json(self.folder / "manifest.json", self.manifest)
+
+
+def generate(store: Store, run_batch: Callable[[list[str], list[int]], tuple[dict, dict]],
+             on_batch_done: Callable[[int, int], None] | None = None) -> None:
+    """Compute every pending shard. run_batch(prompts, seeds) → (tensors, metadata) for one shard."""
+    spec = store.spec
+    done = spec.count - sum(s.count for s in store.pending())
+    for shard in store.pending():
+        indices = range(shard.start, shard.start + shard.count)
+        prompts, seeds = [spec.prompt(i) for i in indices], [spec.seed_of(i) for i in indices]
+        tensors, metadata = run_batch(prompts, seeds)
+        tensors["seeds"] = torch.tensor(seeds, dtype=torch.int64)
+        metadata = dict(metadata, prompts=prompts, start=shard.start)
+        store.write_shard(shard, tensors, metadata)
+        done += shard.count
+        if on_batch_done:
+            on_batch_done(done, spec.count)
+
+
+# --- reading a finished set ----------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    positions: torch.Tensor          # (N+1, C, H, W), VP, z̃_N … z̃_0
+    positive: list                   # CONDITIONING, batch 1
+    negative: list
+    seed: int
+    prompt: str
+
+
+class TrajectorySet:
+    """A finished set on disk: what the RAPM_TRAJECTORIES type carries between nodes."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no trajectory set at {self.folder} (manifest.json missing)")
+        self.manifest = storage.read_json(path)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a RAPM trajectory manifest")
+        if not self.manifest.get("complete"):
+            raise ValueError(f"trajectory set '{self.folder.name}' is incomplete "
+                             f"({sum(s['count'] for s in self.manifest['shards'])} of {self.manifest['count']}); "
+                             "rerun its Teacher Trajectories node with the same inputs to finish it")
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    @property
+    def cfg(self) -> float:
+        return float(self.manifest["cfg"])
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(self.manifest["timesteps"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def fingerprint(self) -> str:
+        """Identifies the content: the manifest's inputs and every shard's checksum."""
+        blob = json.dumps([self.manifest["inputs"], [s["sha256"] for s in self.manifest["shards"]]], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def verify(self) -> None:
+        for s in self.manifest["shards"]:
+            if storage.sha256_file(self.folder / s["file"]) != s["sha256"]:
+                raise ValueError(f"{self.folder / s['file']} does not match its checksum in manifest.json "
+                                 "(changed or damaged); delete it and rerun the Teacher Trajectories node")
+
+    def load(self) -> list[Trajectory]:
+        self.verify()
+        out = []
+        for s in self.manifest["shards"]:
+            path = self.folder / s["file"]
+            tensors = storage.read_safetensors(path)
+            meta = json.loads(storage.read_safetensors_metadata(path)["rapm"])
+            for i in range(s["count"]):
+                out.append(Trajectory(
+                    positions=tensors["positions"][i],
+                    positive=_conditioning(tensors, meta, "positive", i),
+                    negative=_conditioning(tensors, meta, "negative", i),
+                    seed=int(tensors["seeds"][i]), prompt=meta["prompts"][i]))
+        return out
+
+    def check_compatible(self, model_info: dict, node: str, input_name: str = "trajectories") -> None:
+        """Refuse a set made with another teacher before any work starts."""
+        from .errors import NodeInputError
+        mine = self.manifest["model"]
+        for key, what in (("family", "model type"), ("latent_channels", "latent channels"),
+                          ("prediction", "prediction type"), ("fingerprint", "teacher weights")):
+            if key in mine and key in model_info and mine[key] != model_info[key]:
+                raise NodeInputError(node, input_name,
+                                     f"trajectory set '{self.name}' was made with a different teacher ({what}: "
+                                     f"{mine[key]} in the set, {model_info[key]} for the connected model). "
+                                     "Connect the model the set was made with, or make a new set with this model.")
+
+
+def _conditioning(tensors: dict, meta: dict, which: str, i: int) -> list:
+    extra = dict(meta.get(f"{which}_extra", [{}])[i])
+    prefix = f"{which}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            extra[key[len(prefix):]] = value[i:i + 1]
+    return [[tensors[which][i:i + 1], extra]]
+
+
+def conditioning_tensors(conditioning: list, which: str) -> tuple[dict, list]:
+    """A batched CONDITIONING → shard tensors and per-row scalar entries (for the metadata)."""
+    cross, extra = conditioning[0]
+    tensors = {which: cross}
+    scalars = {}
+    for key, value in extra.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"{which}.{key}"] = value
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            scalars[key] = value
+    return tensors, [scalars] * cross.shape[0]
+
+
+def list_sets(root: str | os.PathLike) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
