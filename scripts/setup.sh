@@ -10,7 +10,7 @@ HOST_PARENT=$ROOT/.comfyui
 HOST=$HOST_PARENT/ComfyUI
 PY=${PYTHON:-python3}
 STAMP=$HOST_PARENT/.setup-stamp
-want=$(cat scripts/setup.sh scripts/constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat scripts/setup.sh scripts/constraints.txt pyproject.toml bench/quality/requirements.txt | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ] && [ -f "$HOST/main.py" ]; then
     exit 0
@@ -40,7 +40,7 @@ fi
 echo "[setup] host and pack requirements"
 grep -vE '^(torch|torchvision|torchaudio)([^a-z]|$)' "$HOST/requirements.txt" > "$HOST_PARENT/host-requirements.txt"
 "${PIP[@]}" -r "$HOST_PARENT/host-requirements.txt" requests
-"${PIP[@]}" -e "$ROOT[test]"
+"${PIP[@]}" -e "$ROOT[test]" -r "$ROOT/bench/quality/requirements.txt"
 
 ln -sfn "$ROOT" "$HOST/custom_nodes/comfy-rapm"
 echo "$want" > "$STAMP"
