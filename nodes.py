@@ -5,7 +5,9 @@ import torch
 
 import os
 
-from .comfy_rapm import host, progress, sampler, storage, trajectories
+import json
+
+from .comfy_rapm import host, lora as lora_mod, progress, sampler, schedule, session, storage, trainer, trajectories
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -202,13 +204,191 @@ class RAPMLoadTrajectories:
             raise NodeInputError(node, "name", f"{e}. Make the set with a Teacher Trajectories (RAPM) node first.") from None
 
 
+RUN_FOLDER = "rapm_runs"
+BASE_MODEL_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}
+
+
+class RAPMTrain:
+    """Distill the teacher into a few-step LoRA student with RAPM (paper Alg. 2), batch size 1."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The teacher the trajectories were made with."}),
+            "trajectories": ("RAPM_TRAJECTORIES",),
+            "iterations": ("INT", {"default": 20000, "min": 1, "max": 10000000,
+                                   "tooltip": "k counts discriminator (even) and student (odd) iterations, as in the paper."}),
+            "lora_rank": ("INT", {"default": 64, "min": 1, "max": 1024}),
+            "lora_alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01}),
+            "learning_rate": ("FLOAT", {"default": 5e-6, "min": 0.0, "max": 1.0, "step": 1e-7, "round": 1e-8,
+                                        "tooltip": "Student AdamW lr (PCM: 5e-6 SD1.5, 2e-6 SDXL)."}),
+            "discriminator_learning_rate": ("FLOAT", {"default": 1e-5, "min": 0.0, "max": 1.0, "step": 1e-7, "round": 1e-8}),
+            "delta": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "Δ, the teacher's skip step in timesteps; 0 = auto (20 for SD1.5-like, 25 for SDXL-like)."}),
+            "absolute_weight": ("STRING", {"default": "1.0", "tooltip": "w_n: one value, or one per step from the first (noisiest) to the last, comma-separated."}),
+            "huber_c": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "round": 1e-6}),
+            "adversarial_weight": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "mode": (list(trainer.MODES), {"tooltip": "rapm = relative + absolute matching; the others are the paper's ablations."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+            "checkpoint_every": ("INT", {"default": 500, "min": 1, "max": 1000000}),
+            "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
+        }, "optional": {
+            "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet blocks in backward: less memory, more time."}),
+            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time)."}),
+            "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP")
+    RETURN_NAMES = ("model", "lora", "loss")
+    FUNCTION = "train"
+    CATEGORY = "training/RAPM"
+    DESCRIPTION = "RAPM: relative and absolute position matching with two discriminators; checkpoints and resumes by name."
+
+    def train(self, model, trajectories, iterations, lora_rank, lora_alpha, learning_rate, discriminator_learning_rate,
+              delta, absolute_weight, huber_c, adversarial_weight, mode, seed, checkpoint_every, name,
+              weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto", unique_id=None):
+        node = "RAPMTrain"
+        try:
+            name = storage.check_name(name, "name")
+        except ValueError as e:
+            raise NodeInputError(node, "name", str(e)) from None
+        info = host.model_info(model)
+        trajectories.check_compatible(info, node)
+        sdxl = host.is_sdxl_like(model)
+        try:
+            weights = trainer.parse_absolute_weight(absolute_weight)
+        except ValueError as e:
+            raise NodeInputError(node, "absolute_weight", str(e)) from None
+        config = trainer.Config(
+            iterations=iterations, lora_rank=lora_rank, lora_alpha=lora_alpha, learning_rate=learning_rate,
+            discriminator_learning_rate=discriminator_learning_rate, weight_decay=weight_decay,
+            delta=delta or schedule.default_delta(info["num_timesteps"], sdxl), absolute_weight=weights,
+            huber_c=huber_c, adversarial_weight=adversarial_weight, mode=mode, seed=seed,
+            checkpoint_every=checkpoint_every, low_memory=low_memory)
+        try:
+            config.weights(trajectories.steps)
+        except ValueError as e:
+            raise NodeInputError(node, "absolute_weight", str(e)) from None
+        folder = os.path.join(host.output_directory(), RUN_FOLDER, name)
+        run = trainer.Run(folder, {"config": config.resume_key(), "trajectories": trajectories.fingerprint(),
+                                   "teacher": info["fingerprint"], "precision": precision})
+        try:
+            run.open()
+        except ValueError as e:
+            raise NodeInputError(node, "name", str(e)) from None
+
+        with torch.inference_mode(False):
+            try:
+                sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
+            except ValueError as e:
+                raise NodeInputError(node, "precision", str(e)) from None
+        bar = host.Progress(iterations, unique_id)
+
+        def fit(tr):
+            run.restore(tr)
+            clock = progress.Clock(iterations, tr.iteration, "it")
+            bar.update_absolute(tr.iteration)
+            shown = {}
+
+            def on_iteration(k, result):
+                shown.update(result)
+                bar.update_absolute(k)
+                if k % 10 == 0 or k == iterations:
+                    bar.text(clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(shown.items()))))
+
+            trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types())
+            return tr
+
+        try:
+            tr = sess.run(fit)
+        except trainer.NonFiniteLoss as e:
+            raise RuntimeError(f"{node}: {e}. Training stopped and the last good checkpoint in {folder} is kept. "
+                               "Lower learning_rate / discriminator_learning_rate or use precision fp32, then rerun "
+                               "with the same name to resume from that checkpoint.") from None
+        except Exception as e:
+            if host.is_oom(e):
+                raise RuntimeError(f"{node}: out of GPU memory. Turn on low_memory and gradient_checkpointing, "
+                                   "or lower lora_rank; rerun with the same name to resume.") from None
+            raise
+
+        metadata = {
+            "teacher_family": info["family"], "teacher_fingerprint": info["fingerprint"],
+            "steps": trajectories.steps, "timesteps": trajectories.timesteps, "delta": config.delta,
+            "teacher_cfg": trajectories.cfg, "iterations": tr.iteration, "mode": mode, "rank": lora_rank,
+            "alpha": lora_alpha, "trajectories": trajectories.name, "trajectory_count": len(trajectories),
+            "run": name, "prediction": info["prediction"],
+        }
+        weights_out = sess.lora_weights(metadata)
+        return (host.apply_lora(model, weights_out), weights_out, {"loss": list(tr.history["loss"])})
+
+
+class RAPMSaveLoRA:
+    """Write a LoRA file every ComfyUI LoRA loader applies, with kohya/modelspec/RAPM metadata."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": ("LORA_MODEL",),
+            "filename_prefix": ("STRING", {"default": "rapm/rapm_lora", "tooltip": "Path inside models/loras/; never overwrites (a counter is added)."}),
+            "key_format": (["comfyui", "kohya"], {"tooltip": "comfyui: diffusion_model.* keys (ComfyUI's trainer); kohya: lora_unet_* (A1111/Forge too)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "training/RAPM"
+
+    def save(self, lora, filename_prefix, key_format):
+        node = "RAPMSaveLoRA"
+        root = host.lora_directory()
+        prefix = filename_prefix.strip().replace("\\", "/").removesuffix(".safetensors")
+        parts = [p for p in prefix.split("/") if p]
+        try:
+            if prefix.startswith("/") or ":" in prefix:
+                raise ValueError(f"{filename_prefix!r} is an absolute path")
+            for p in parts:
+                storage.check_name(p, "filename_prefix part")
+            folder = storage.child_path(root, "/".join(parts[:-1]) or ".", "filename_prefix")
+        except (ValueError, IndexError) as e:
+            raise NodeInputError(node, "filename_prefix", f"{e}; use a name like 'rapm/my_lora'") from None
+        if not parts:
+            raise NodeInputError(node, "filename_prefix", "empty; use a name like 'rapm/my_lora'")
+        tensors = {k: v for k, v in lora.items() if isinstance(v, torch.Tensor)}
+        if key_format == "kohya":
+            tensors = lora_mod.kohya_state_dict(tensors)
+        meta = dict(getattr(lora, "metadata", {}))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = storage.unique_path(folder, parts[-1], ".safetensors")
+        steps = meta.get("steps")
+        metadata = {
+            "ss_network_module": "networks.lora", "ss_base_model_version": BASE_MODEL_VERSION.get(meta.get("teacher_family"), "unknown"),
+            "ss_network_dim": str(meta.get("rank", "")), "ss_network_alpha": str(meta.get("alpha", "")),
+            "ss_output_name": path.stem, "ss_steps": str(meta.get("iterations", "")), "ss_training_comment": "RAPM few-step distillation",
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{meta.get('teacher_family', 'unknown')}/lora",
+            "modelspec.implementation": "comfy-rapm", "modelspec.title": path.stem,
+            "modelspec.description": f"{steps}-step RAPM student LoRA: sample with euler, scheduler simple, {steps} steps, cfg 1",
+        }
+        for key, value in meta.items():
+            metadata[f"rapm.{key}"] = value if isinstance(value, str) else json.dumps(value)
+        metadata["rapm.recommended_sampler"] = json.dumps({"sampler": "euler", "scheduler": "simple", "steps": steps, "cfg": 1.0,
+                                                           "node": "RAPMSampler"})
+        storage.write_safetensors(path, tensors, metadata)
+        relative = os.path.relpath(path, root)
+        return {"ui": {"text": [relative]}, "result": (relative,)}
+
+
 NODE_CLASS_MAPPINGS = {
     "RAPMSampler": RAPMSampler,
     "RAPMTeacherTrajectory": RAPMTeacherTrajectory,
     "RAPMLoadTrajectories": RAPMLoadTrajectories,
+    "RAPMTrain": RAPMTrain,
+    "RAPMSaveLoRA": RAPMSaveLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RAPMSampler": "RAPM Sampler",
     "RAPMTeacherTrajectory": "Teacher Trajectories (RAPM)",
     "RAPMLoadTrajectories": "Load Trajectories (RAPM)",
+    "RAPMTrain": "RAPM Train",
+    "RAPMSaveLoRA": "LoRA Save (RAPM)",
 }

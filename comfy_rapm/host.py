@@ -298,3 +298,108 @@ def is_oom(error: BaseException) -> bool:
 
 def soft_empty_cache() -> None:
     comfy.model_management.soft_empty_cache()
+
+
+# --- training support ---------------------------------------------------------------------
+
+class _FeaturesCaptured(Exception):
+    pass
+
+
+def feature_layers(model, include_up: bool) -> list[torch.nn.Module]:
+    """The discriminator backbone's taps: the end of every resolution level of the UNet's down
+    path, the middle block, and (if include_up) the end of every level of the up path."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+    unet = model.model.diffusion_model
+    if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"the discriminator needs a UNet backbone; {type(unet).__name__} is not supported yet")
+    inputs, outputs = list(unet.input_blocks), list(unet.output_blocks)
+    layers = [b[-1] for i, b in enumerate(inputs) if i > 0 and (i == len(inputs) - 1 or isinstance(inputs[i + 1][0], Downsample))]
+    if unet.middle_block is not None:
+        layers.append(unet.middle_block[-1])
+    if include_up:
+        layers += [b[-1] for i, b in enumerate(outputs) if i == len(outputs) - 1 or isinstance(b[-1], Upsample)]
+    return layers
+
+
+class FeatureTap:
+    """Runs the model as the discriminator backbone and returns the tapped feature maps; the
+    pass stops at the last tap, so an SDXL-style down+mid backbone skips the up path."""
+
+    def __init__(self, model, include_up: bool):
+        self.layers = feature_layers(model, include_up)
+
+    def __call__(self, denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, conds) -> list[torch.Tensor]:
+        captured = {}
+        last = self.layers[-1]
+
+        def hook(module, args, output):
+            captured[id(module)] = output
+            if module is last:
+                raise _FeaturesCaptured
+
+        handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        try:
+            denoiser(x, sigma, conds, cfg=1.0)
+        except _FeaturesCaptured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return [captured[id(layer)] for layer in self.layers]
+
+
+class gradient_checkpointing:
+    """Recompute each UNet block in backward (torch.utils.checkpoint, use_reentrant=False; ComfyUI's
+    own `use_checkpoint` flag fails with frozen base weights). Restores the blocks on exit."""
+
+    def __init__(self, model, enabled: bool = True):
+        self.model, self.enabled, self.saved = model, enabled, []
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import torch.utils.checkpoint as cp
+        unet = self.model.model.diffusion_model
+        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + list(getattr(unet, "output_blocks", []))
+        for block in blocks:
+            for layer in (block or []):
+                original = layer.forward
+                self.saved.append((layer, layer.__dict__.get("forward")))
+
+                def checkpointed(*args, _f=original, **kwargs):
+                    if torch.is_grad_enabled():
+                        return cp.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                    return _f(*args, **kwargs)
+                layer.forward = checkpointed
+        return self
+
+    def __exit__(self, *exc):
+        for layer, own_forward in self.saved:
+            if own_forward is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = own_forward
+        self.saved.clear()
+        return False
+
+
+def training_dtype(model, precision: str) -> torch.dtype | None:
+    """bf16 where the device supports it (precision 'auto' or 'bf16'), else float32."""
+    device = model.load_device
+    if precision == "fp32":
+        return torch.float32
+    if precision in ("auto", "bf16") and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if precision == "bf16":
+        raise ValueError(f"bf16 is not supported on {device}; use precision auto or fp32")
+    return torch.float32
+
+
+def set_compute_dtype(model, dtype: torch.dtype) -> None:
+    if dtype != torch.float32:
+        model.set_model_compute_dtype(dtype)
+
+
+def interrupted_types() -> tuple[type, ...]:
+    return (comfy.model_management.InterruptProcessingException, KeyboardInterrupt)

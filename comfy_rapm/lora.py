@@ -99,3 +99,12 @@ def kohya_state_dict(comfy_state: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 module = key[: -len(suffix)].removeprefix("diffusion_model.")
                 out["lora_unet_" + module.replace(".", "_") + suffix] = value
     return out
+
+
+class LoRAWeights(dict):
+    """A LORA_MODEL (a plain dict of tensors, as ComfyUI's stock nodes expect) that also carries
+    what RAPM knows about it (teacher, schedule, settings) for the file's metadata."""
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})

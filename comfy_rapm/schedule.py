@@ -86,3 +86,23 @@ def initial_latent(model_sampling, noise: torch.Tensor, sigma_max) -> torch.Tens
 def default_delta(num_train_timesteps: int, sdxl_like: bool) -> int:
     """PCM's skip step Δ: 20 for SD1.5-like, 25 for SDXL-like models (DESIGN.md §2)."""
     return round((25 if sdxl_like else 20) * num_train_timesteps / 1000)
+
+
+def _coefficients(model_sampling, sigma: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data coefficient, noise coefficient) of model space at σ: x = a·x0 + s·ε."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+    shape = (-1,) + (1,) * (ndim - 1)
+    zeros, ones = torch.zeros(sigma.shape[0], 1, 1, 1), torch.ones(sigma.shape[0], 1, 1, 1)
+    a = model_sampling.noise_scaling(sigma.cpu(), zeros, ones).reshape(shape)
+    s = model_sampling.noise_scaling(sigma.cpu(), ones, zeros).reshape(shape)
+    return a, s
+
+
+def renoise(model_sampling, x: torch.Tensor, sigma_from, sigma_to, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process from σ to a higher σ' in model space: x' = (a'/a)·x + sqrt(s'² - (a'/a)² s²)·ε
+    (for EPS/V models simply x + sqrt(σ'² - σ²)·ε)."""
+    a0, s0 = _coefficients(model_sampling, sigma_from, x.ndim)
+    a1, s1 = _coefficients(model_sampling, sigma_to, x.ndim)
+    ratio = a1 / a0
+    extra = torch.sqrt(torch.clamp(s1 ** 2 - (ratio * s0) ** 2, min=0.0))
+    return ratio.to(x) * x + extra.to(x) * noise.to(x)

@@ -17,6 +17,9 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "quality: the quality-benchmark miniature (data prep, teacher, eval)")
     config.addinivalue_line("markers", "server: starts the real ComfyUI server")
+    # ComfyUI in-process before any test module imports comfy_rapm.host (which imports comfy.*).
+    from headless.comfy_host import boot
+    boot(cpu=True)
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +27,11 @@ def host(tmp_path_factory):
     """ComfyUI imported in-process (CPU) with every node loaded, this pack included.
     Returns the host's `nodes` module; output/input folders point into a temp dir."""
     from headless.comfy_host import boot
+    import folder_paths
     base = tmp_path_factory.mktemp("comfy")
-    return boot(cpu=True, output_directory=str(base / "output"), input_directory=str(base / "input"))
+    nodes = boot(cpu=True, output_directory=str(base / "output"), input_directory=str(base / "input"))
+    loras = base / "loras"  # saved LoRAs go here, not into the host's models/loras
+    loras.mkdir()
+    paths, extensions = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)] + list(paths), extensions)
+    return nodes

@@ -1,0 +1,58 @@
+"""A training session on the host: the teacher, one LoRA over it (student), the discriminator
+backbone taps, and a Trainer built inside ComfyUI's sampling context. Used by the RAPMTrain node,
+the tests and the benchmarks, so all of them run the same code."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import host, lora as lora_mod, schedule, trainer
+from .discriminator import Discriminators
+from .trajectories import TrajectorySet
+
+
+class Session:
+    def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
+                 gradient_checkpointing: bool = False):
+        self.model, self.set, self.config = model, trajectory_set, config
+        self.gradient_checkpointing = gradient_checkpointing
+        self.sdxl = host.is_sdxl_like(model)
+        self.data = trajectory_set.load()
+        self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
+        self.student = host.with_weight_functions(model, self.lora.functions())
+        host.set_compute_dtype(self.student, host.training_dtype(model, precision))
+        self.tap = host.FeatureTap(self.student, include_up=not self.sdxl) if config.uses_gan else None
+        self.latent_shape = tuple(self.data[0].positions.shape[1:])
+
+    def run(self, fn: Callable[[trainer.Trainer], object]):
+        """Build the Trainer with the model loaded and call fn(trainer); returns fn's result."""
+        data, tap, lora, config = self.data, self.tap, self.lora, self.config
+
+        def body(denoiser):
+            device = denoiser.device
+            lora.to(device)
+            conditioning = lambda i: denoiser.prepare(data[i].positive, data[i].negative)  # noqa: E731
+            features = (lambda x, s, c: tap(denoiser, x, s, c)) if tap else None
+            discriminators = None
+            if tap:
+                lora.set_enabled(False)
+                with torch.no_grad():
+                    sigma = schedule.sigma_at(denoiser.model_sampling, [self.set.timesteps[1]]).to(device)
+                    probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
+                lora.set_enabled(True)
+                discriminators = Discriminators([f.shape[1] for f in probe], kernel=1 if self.sdxl else 3,
+                                                seed=config.seed).to(device)
+            tr = trainer.Trainer(
+                config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
+                denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
+                features, device)
+            with host.gradient_checkpointing(self.student, self.gradient_checkpointing):
+                return fn(tr)
+
+        with torch.inference_mode(False):
+            return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,
+                                          body, seed=config.seed)
+
+    def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:
+        return lora_mod.LoRAWeights(self.lora.comfy_state_dict(torch.float16), metadata)

@@ -1,0 +1,392 @@
+"""RAPM training (paper Alg. 2), batch size 1, one GPU.
+
+One iteration k draws one stored trajectory z̃_N … z̃_0 and, for every slot n (t_{n+1} → t_n):
+    ẑ^Δ   = DDIM(z̃_{n+1}, t_{n+1} → t_{n+1}-Δ; teacher, CFG)
+    ẑ_n   = detach(DDIM(ẑ^Δ, t_{n+1}-Δ → t_n; student))            relative target (1st detach)
+    z_n^φ = DDIM(z_{n+1}, t_{n+1} → t_n; student)                    z_{n+1} from the student's own chain
+    loss += H(z_n^φ, ẑ_n) + D1  +  w_n [H(z_n^φ, z̃_n) + D2]
+    z_n   = detach(z_n^φ)                                             (2nd detach)
+k even: both discriminators step; k odd: the student LoRA steps. Losses are summed over slots and
+there is one optimizer step per iteration.
+
+Because every z_{n+1} is detached, the slots are independent given the stored positions: the
+student's no-grad chain is the only sequential part; the teacher Δ-steps, the frozen-student
+steps and the graded student steps each run as one batch over the N slots (or slot by slot with
+per-slot backward in low-memory mode: the gradients are the same). Positions and losses are in
+the paper's VP space; the model runs in its own space (schedule.to_vp / from_vp)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import losses, schedule, solver, storage
+from .discriminator import Discriminators
+from .lora import LoRA
+
+MODES = ("rapm", "relative_only", "absolute_only", "huber_only")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Config:
+    iterations: int = 20000
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    learning_rate: float = 5e-6
+    discriminator_learning_rate: float = 1e-5
+    weight_decay: float = 1e-3
+    delta: int = 20
+    absolute_weight: list = field(default_factory=lambda: [1.0])
+    huber_c: float = 0.001
+    adversarial_weight: float = 0.1
+    mode: str = "rapm"
+    seed: int = 0
+    checkpoint_every: int = 500
+    grad_clip: float = 1.0
+    low_memory: bool = False
+
+    def weights(self, steps: int) -> list[float]:
+        w = [float(v) for v in self.absolute_weight]
+        if len(w) == 1:
+            return w * steps
+        if len(w) != steps:
+            raise ValueError(f"absolute_weight has {len(w)} values; give one, or one per step ({steps})")
+        return w
+
+    @property
+    def uses_relative(self) -> bool:
+        return self.mode in ("rapm", "relative_only", "huber_only")
+
+    @property
+    def uses_absolute(self) -> bool:
+        return self.mode in ("rapm", "absolute_only", "huber_only")
+
+    @property
+    def uses_gan(self) -> bool:
+        return self.mode != "huber_only"
+
+    def resume_key(self) -> dict:
+        """Everything but the iteration budget and checkpoint interval must match to resume."""
+        d = asdict(self)
+        d.pop("iterations")
+        d.pop("checkpoint_every")
+        return d
+
+
+def parse_absolute_weight(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"absolute_weight {text!r}: give a number, or comma-separated numbers (one per step)") from None
+    if not values or any(v < 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"absolute_weight {text!r}: weights must be finite and ≥ 0")
+    return values
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# A model call: (x in model space, σ per item, conditioning handle, cfg) → denoised.
+ModelCall = Callable[[torch.Tensor, torch.Tensor, object, float], torch.Tensor]
+# The backbone: (x in model space, σ per item, conditioning handle) → feature maps.
+FeatureCall = Callable[[torch.Tensor, torch.Tensor, object], list]
+
+
+@dataclass
+class TrainingData:
+    positions: list          # per trajectory: (N+1, C, H, W) VP tensors, z̃_N … z̃_0
+    conditioning: Callable   # index → conditioning handle for ModelCall/FeatureCall
+    timesteps: list          # [t_N, …, t_0]
+    cfg: float               # the teacher's guidance when the trajectories were made
+
+
+class Trainer:
+    def __init__(self, config: Config, data: TrainingData, model_sampling, lora: LoRA,
+                 discriminators: Discriminators | None, model: ModelCall, features: FeatureCall | None,
+                 device: torch.device):
+        if config.mode not in MODES:
+            raise ValueError(f"mode {config.mode!r} is not one of {MODES}")
+        self.config, self.data, self.ms, self.lora = config, data, model_sampling, lora
+        self.discriminators, self.model, self.features, self.device = discriminators, model, features, device
+        self.steps = len(data.timesteps) - 1
+        self.weights = torch.tensor(config.weights(self.steps), dtype=torch.float32, device=device)
+        t = torch.tensor(data.timesteps)
+        self.t_from, self.t_to = t[:-1], t[1:]
+        if config.delta < 0 or (self.t_from - config.delta < self.t_to).any():
+            raise ValueError(f"delta {config.delta} must be ≥ 0 and shorter than every slot ({(self.t_from - self.t_to).min().item()} timesteps)")
+        sig = lambda ts: schedule.sigma_at(model_sampling, ts).to(device)  # noqa: E731
+        self.s_from, self.s_to, self.s_delta = sig(self.t_from), sig(self.t_to), sig(self.t_from - config.delta)
+        self.num_timesteps = schedule.num_timesteps(model_sampling)
+        self.adv_span = self.num_timesteps // self.steps
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.history = {"loss": [], "huber": [], "generator": [], "discriminator": []}
+        self.student_opt = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
+                                             weight_decay=config.weight_decay)
+        self.disc_opt = None
+        if config.uses_gan:
+            if discriminators is None or features is None:
+                raise ValueError(f"mode {config.mode} needs discriminators and a feature backbone")
+            self.disc_opt = torch.optim.AdamW(discriminators.parameters(), lr=config.discriminator_learning_rate,
+                                              betas=(0.0, 0.999), weight_decay=0.0)
+
+    # --- model passes -------------------------------------------------------------------
+
+    def _step(self, z_vp, s_from, s_to, cond, cfg, student: bool):
+        """One DDIM step on VP positions (batch over slots), returning VP positions."""
+        self.lora.set_enabled(student)
+        x = schedule.from_vp(z_vp, s_from, self.ms)
+        x = solver.ddim_step(lambda xx, ss: self.model(xx, ss, cond, cfg), x, s_from, s_to)
+        return schedule.to_vp(x, s_to, self.ms)
+
+    def _backbone(self, z_vp, t_adv, s_n, noise, cond):
+        """Features of the frozen teacher at adv_t for positions re-noised from t_n."""
+        self.lora.set_enabled(False)
+        s_adv = schedule.sigma_at(self.ms, t_adv).to(self.device)
+        x = schedule.renoise(self.ms, schedule.from_vp(z_vp, s_n, self.ms), s_n, s_adv, noise)
+        return self.features(x, s_adv, cond)
+
+    def targets(self, positions: torch.Tensor, cond):
+        """The no-grad part of an iteration: the student's own chain and the relative targets.
+        Returns (student inputs z_{n+1}, student outputs z_n, relative targets ẑ_n), each (N, C, H, W)."""
+        with torch.no_grad():
+            chain = [positions[0:1]]
+            for j in range(self.steps):
+                chain.append(self._step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
+            inputs, outputs = torch.cat(chain[:-1]), torch.cat(chain[1:])
+            relative = None
+            if self.config.uses_relative:
+                teacher_delta = self._step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
+                relative = self._step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
+        return inputs, outputs, relative
+
+    def _adversarial_draws(self):
+        t_adv = torch.clamp(self.t_to + torch.randint(0, self.adv_span, (self.steps,), generator=self.rng),
+                            max=self.num_timesteps - 1)
+        return t_adv
+
+    # --- one iteration ------------------------------------------------------------------
+
+    def run_iteration(self) -> dict:
+        """Iteration self.iteration (even: discriminators, odd: student). Returns its losses.
+        Raises NonFiniteLoss without stepping when a loss is NaN/inf."""
+        cfg = self.config
+        k = self.iteration
+        index = int(torch.randint(0, len(self.data.positions), (1,), generator=self.rng))
+        student_turn = k % 2 == 1
+        if not student_turn and not cfg.uses_gan:
+            self.iteration += 1
+            return {}
+        t_adv = self._adversarial_draws()
+        noise_shape = (self.steps,) + tuple(self.data.positions[index].shape[1:])
+        adv_noise = torch.randn(noise_shape, generator=self.rng).to(self.device)
+        positions = self.data.positions[index].to(self.device, torch.float32)
+        cond = self.data.conditioning(index)
+        inputs, outputs, relative = self.targets(positions, cond)
+        absolute = positions[1:]
+        result = self._student_step(inputs, relative, absolute, t_adv, adv_noise, cond) if student_turn \
+            else self._discriminator_step(outputs, relative, absolute, t_adv, adv_noise, cond)
+        self.iteration += 1
+        return result
+
+    def _discriminator_step(self, fakes, relative, absolute, t_adv, noise, cond) -> dict:
+        cfg, d = self.config, self.discriminators
+        reals = [r for r, used in ((relative, cfg.uses_relative), (absolute, cfg.uses_absolute)) if used]
+        batch = torch.cat([fakes] + reals)
+        repeat = len(reals) + 1
+        with torch.no_grad():
+            feats = self._backbone(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
+        self.disc_opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        n = self.steps
+        for j in range(n):
+            fake_f = [f[j:j + 1].detach() for f in feats]
+            part = 1
+            if cfg.uses_relative:
+                real_f = [f[part * n + j: part * n + j + 1].detach() for f in feats]
+                total = total + losses.hinge_discriminator(d.relative(fake_f), d.relative(real_f))
+                part += 1
+            if cfg.uses_absolute:
+                real_f = [f[part * n + j: part * n + j + 1].detach() for f in feats]
+                total = total + self.weights[j] * losses.hinge_discriminator(d.absolute(fake_f), d.absolute(real_f))
+        self._check_finite(total, "discriminator")
+        total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+        self.disc_opt.step()
+        value = total.item()
+        self.history["discriminator"].append(value)
+        return {"discriminator": value}
+
+    def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond):
+        """Huber and generator terms for the slots in z_phi (slot indices j: a slice)."""
+        cfg = self.config
+        w = self.weights[j]
+        huber = torch.zeros((), device=self.device)
+        for i in range(z_phi.shape[0]):
+            if cfg.uses_relative:
+                huber = huber + losses.pseudo_huber(z_phi[i], relative[j][i], cfg.huber_c)
+            if cfg.uses_absolute:
+                huber = huber + w[i] * losses.pseudo_huber(z_phi[i], absolute[j][i], cfg.huber_c)
+        generator = torch.zeros((), device=self.device)
+        if cfg.uses_gan:
+            d = self.discriminators
+            feats = self._backbone(z_phi, t_adv[j], self.s_to[j], noise[j], cond)
+            for i in range(z_phi.shape[0]):
+                f = [x[i:i + 1] for x in feats]
+                if cfg.uses_relative:
+                    generator = generator + losses.hinge_generator(d.relative(f))
+                if cfg.uses_absolute:
+                    generator = generator + w[i] * losses.hinge_generator(d.absolute(f))
+            generator = generator * cfg.adversarial_weight
+        return huber, generator
+
+    def _student_step(self, inputs, relative, absolute, t_adv, noise, cond) -> dict:
+        cfg = self.config
+        self.student_opt.zero_grad(set_to_none=True)
+        if self.discriminators is not None:
+            self.discriminators.requires_grad_(False)
+        groups = [slice(j, j + 1) for j in range(self.steps)] if cfg.low_memory else [slice(0, self.steps)]
+        huber_sum, gen_sum = 0.0, 0.0
+        try:
+            for j in groups:
+                z_phi = self._step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
+                huber, generator = self._student_losses(z_phi, j, relative, absolute, t_adv, noise, cond)
+                loss = huber + generator
+                self._check_finite(loss, "student")
+                loss.backward()
+                huber_sum += huber.item()
+                gen_sum += generator.item()
+        finally:
+            if self.discriminators is not None:
+                self.discriminators.requires_grad_(True)
+            self.lora.set_enabled(True)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
+        self.student_opt.step()
+        self.history["loss"].append(huber_sum + gen_sum)
+        self.history["huber"].append(huber_sum)
+        self.history["generator"].append(gen_sum)
+        return {"loss": huber_sum + gen_sum, "huber": huber_sum, "generator": gen_sum}
+
+    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
+        loss = loss.detach()
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"the {which} loss is {loss.item()} at iteration {self.iteration + 1}")
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"lora.{k}": v for k, v in self.lora.state_dict().items()}
+        if self.discriminators is not None:
+            out.update({f"disc.{k}": v for k, v in self.discriminators.state_dict().items()})
+        out.update(_optimizer_tensors(self.student_opt, "opt.student"))
+        if self.disc_opt is not None:
+            out.update(_optimizer_tensors(self.disc_opt, "opt.disc"))
+        out["rng"] = self.rng.get_state()
+        out["iteration"] = torch.tensor(self.iteration, dtype=torch.int64)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.lora.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+        if self.discriminators is not None:
+            self.discriminators.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+        _load_optimizer(self.student_opt, tensors, "opt.student")
+        if self.disc_opt is not None:
+            _load_optimizer(self.disc_opt, tensors, "opt.disc")
+        self.rng.set_state(tensors["rng"])
+        self.iteration = int(tensors["iteration"])
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}.{index}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, prefix: str) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    current = opt.state_dict()
+    current["state"] = state
+    opt.load_state_dict(current)
+
+
+# --- a run on disk: config, checkpoint, resume ------------------------------------------------
+
+class Run:
+    """output/rapm_runs/<name>/: run.json (what the run is) and checkpoint.safetensors (where it is).
+    Both are written atomically; a rerun with the same name and settings resumes."""
+
+    def __init__(self, folder: str | Path, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity))
+        self.checkpoint = self.folder / "checkpoint.safetensors"
+
+    def open(self) -> None:
+        path = self.folder / "run.json"
+        if path.exists():
+            old = storage.read_json(path)
+            if old.get("identity") != self.identity:
+                from .trajectories import _describe_difference
+                raise ValueError(f"a training run named '{self.folder.name}' exists with other settings "
+                                 f"({_describe_difference(old.get('identity', {}), self.identity)}). Use another name to "
+                                 f"start a new run, or delete {self.folder} to start this one over.")
+        else:
+            storage.write_json(path, {"identity": self.identity, "version": CHECKPOINT_VERSION})
+
+    def restore(self, trainer: Trainer) -> bool:
+        if not self.checkpoint.exists():
+            return False
+        trainer.load_state_tensors(storage.read_safetensors(self.checkpoint))
+        history = storage.read_json(self.folder / "history.json") if (self.folder / "history.json").exists() else None
+        if history:
+            trainer.history = history
+        return True
+
+    def save(self, trainer: Trainer) -> None:
+        tensors = trainer.state_tensors()
+        iteration = trainer.iteration
+        storage.write_json(self.folder / "history.json", {k: v[: _history_len(k, iteration)] for k, v in trainer.history.items()})
+        storage.write_safetensors(self.checkpoint, tensors, {"rapm_iteration": str(iteration)})
+
+
+def _history_len(key: str, iteration: int) -> int:
+    # Student entries come from odd iterations, discriminator entries from even ones.
+    return iteration // 2 if key != "discriminator" else (iteration + 1) // 2
+
+
+def train(trainer: Trainer, run: Run | None, on_iteration: Callable[[int, dict], None] | None = None,
+          interrupted: type | tuple = KeyboardInterrupt) -> None:
+    """Iterate to config.iterations with checkpoints every checkpoint_every iterations and at the end.
+    On `interrupted` (Cancel) the state at the start of the unfinished iteration is saved, then the
+    exception propagates: parameters and optimizer states only change in the iteration's last
+    action (the optimizer step), so only the random-number state needs rewinding. On a non-finite
+    loss nothing is saved: the last good checkpoint stays."""
+    cfg = trainer.config
+    while trainer.iteration < cfg.iterations:
+        rng_state, iteration = trainer.rng.get_state(), trainer.iteration
+        try:
+            result = trainer.run_iteration()
+        except interrupted:
+            if run is not None:
+                trainer.rng.set_state(rng_state)
+                trainer.iteration = iteration
+                trainer.history = {k: v[: _history_len(k, iteration)] for k, v in trainer.history.items()}
+                run.save(trainer)
+            raise
+        if on_iteration is not None:
+            on_iteration(trainer.iteration, result)
+        if run is not None and (trainer.iteration % cfg.checkpoint_every == 0 or trainer.iteration == cfg.iterations):
+            run.save(trainer)

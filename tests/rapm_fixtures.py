@@ -1,0 +1,35 @@
+"""Test helpers: trajectory sets from tiny in-memory teachers, made through the product's own code."""
+import os
+
+import torch
+
+import tiny_models
+from comfy_rapm import host, trajectories
+
+
+def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps=3, cfg=2.0, seed=0, batch_size=2,
+                        latent_hw=(8, 8), prompts=2):
+    """Trajectories of `model` for `prompts` random conditionings, written as a real set on disk."""
+    conds = [tiny_models.make_conditioning(kind, seed=100 + i) for i in range(prompts)]
+    negative = tiny_models.make_conditioning(kind, seed=99)
+    names = [f"prompt {i}" for i in range(prompts)]
+    shape = (host.latent_channels(model),) + tuple(latent_hw)
+    spec = trajectories.Spec(prompts=names, negative_prompt="", width=latent_hw[1] * 8, height=latent_hw[0] * 8,
+                             count=count, steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed, batch_size=batch_size,
+                             model=host.model_info(model, shape))
+    store = trajectories.Store.open(folder, spec)
+    slots = spec.slots()
+
+    def run_batch(batch_prompts, seeds):
+        positive = host.stack_conditioning([conds[names.index(p)] for p in batch_prompts])
+        neg = host.stack_conditioning([negative] * len(seeds))
+        noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
+        positions = host.run_with_denoiser(model, positive, neg, noise.shape, lambda d: trajectories.generate_positions(
+            lambda x, s: d(x, s, cfg=cfg), d.model_sampling, noise.to(d.device), slots).cpu())
+        pt, pe = trajectories.conditioning_tensors(positive, "positive")
+        nt, ne = trajectories.conditioning_tensors(neg, "negative")
+        return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}
+
+    with torch.inference_mode():
+        trajectories.generate(store, run_batch)
+    return trajectories.TrajectorySet(folder)
