@@ -105,7 +105,7 @@ class RAPMTeacherTrajectory:
             "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Teacher guidance (SD1.5: 5-6, SDXL: 7-8). The student learns it; it samples at cfg 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Trajectory i uses noise seed + i."}),
-            "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Trajectories computed at once (8 fits SD1.5 at 512 px in 12 GB)."}),
+            "batch_size": ("INT", {"default": trajectories.DEFAULT_BATCH_SIZE, "min": 1, "max": 256, "tooltip": "Trajectories computed at once (8 fits SD1.5 at 512 px in 12 GB)."}),
             "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
         }, "optional": {
             "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),
@@ -157,13 +157,7 @@ class RAPMTeacherTrajectory:
             positive = host.stack_conditioning([encode(p) for p in batch_prompts], "prompts")
             negative = host.stack_conditioning([encode(negative_prompt)] * len(seeds), "negative_prompt")
             noise = torch.cat([host.prepare_noise(torch.zeros((1,) + latent_shape), s) for s in seeds])
-
-            def body(denoiser):
-                return trajectories.generate_positions(
-                    lambda x, sig: denoiser(x, sig, cfg=cfg), denoiser.model_sampling,
-                    noise.to(denoiser.device), slots, on_step=host.check_interrupt).float().cpu()
-
-            positions = host.run_with_denoiser(model, positive, negative, noise.shape, body, seed=seeds[0])
+            positions = session.teacher_positions(model, positive, negative, noise, slots, cfg, on_step=host.check_interrupt)
             pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
             neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
             return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
@@ -277,11 +271,10 @@ class RAPMTrain:
         except ValueError as e:
             raise NodeInputError(node, "name", str(e)) from None
 
-        with torch.inference_mode(False):
-            try:
-                sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
-            except ValueError as e:
-                raise NodeInputError(node, "precision", str(e)) from None
+        try:
+            sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
+        except ValueError as e:
+            raise NodeInputError(node, "precision", str(e)) from None
         bar = host.Progress(iterations, unique_id)
 
         def fit(tr):

@@ -351,10 +351,11 @@ class FeatureTap:
 
 class gradient_checkpointing:
     """Recompute each UNet block in backward (torch.utils.checkpoint, use_reentrant=False; ComfyUI's
-    own `use_checkpoint` flag fails with frozen base weights). Restores the blocks on exit."""
+    own `use_checkpoint` flag fails with frozen base weights). Restores the blocks on exit.
+    `context_fn` (torch.utils.checkpoint's) restores state the recomputation depends on."""
 
-    def __init__(self, model, enabled: bool = True):
-        self.model, self.enabled, self.saved = model, enabled, []
+    def __init__(self, model, enabled: bool = True, context_fn=None):
+        self.model, self.enabled, self.saved, self.context_fn = model, enabled, [], context_fn
 
     def __enter__(self):
         if not self.enabled:
@@ -369,7 +370,8 @@ class gradient_checkpointing:
 
                 def checkpointed(*args, _f=original, **kwargs):
                     if torch.is_grad_enabled():
-                        return cp.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                        extra = {"context_fn": self.context_fn} if self.context_fn else {}
+                        return cp.checkpoint(_f, *args, use_reentrant=False, **extra, **kwargs)
                     return _f(*args, **kwargs)
                 layer.forward = checkpointed
         return self

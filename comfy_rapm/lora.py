@@ -73,6 +73,22 @@ class LoRA(nn.Module):
         self.enabled = enabled
         return self
 
+    def recompute_context(self):
+        """For gradient checkpointing: the (forward, recompute) contexts that make a block's
+        recomputation in backward see the LoRA switched as it was in the forward pass."""
+        import contextlib
+        state = self.enabled
+
+        @contextlib.contextmanager
+        def as_in_forward():
+            saved = self.enabled
+            self.enabled = state
+            try:
+                yield
+            finally:
+                self.enabled = saved
+        return contextlib.nullcontext(), as_in_forward()
+
     def comfy_state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
         """Keys ComfyUI's own trainer writes and every stock loader applies:
         `diffusion_model.<module>.lora_up.weight / .lora_down.weight / .alpha`."""

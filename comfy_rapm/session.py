@@ -9,7 +9,18 @@ import torch
 
 from . import host, lora as lora_mod, schedule, trainer
 from .discriminator import Discriminators
+from . import trajectories
 from .trajectories import TrajectorySet
+
+
+def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
+                      on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """One batch of teacher trajectories (B, N+1, C, H, W) in VP space, on the CPU. `positive` and
+    `negative` are batched CONDITIONINGs whose row i belongs to noise[i]."""
+    def body(denoiser):
+        return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
+                                               noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
+    return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
 class Session:
@@ -18,8 +29,9 @@ class Session:
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
         self.sdxl = host.is_sdxl_like(model)
-        self.data = trajectory_set.load()
-        self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
+        with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
+            self.data = trajectory_set.load()
+            self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
         self.student = host.with_weight_functions(model, self.lora.functions())
         host.set_compute_dtype(self.student, host.training_dtype(model, precision))
         self.tap = host.FeatureTap(self.student, include_up=not self.sdxl) if config.uses_gan else None
@@ -47,7 +59,7 @@ class Session:
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
                 denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                 features, device)
-            with host.gradient_checkpointing(self.student, self.gradient_checkpointing):
+            with host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
                 return fn(tr)
 
         with torch.inference_mode(False):

@@ -92,6 +92,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclass
+class Draws:
+    index: int             # which trajectory
+    t_adv: torch.Tensor    # (N,) timesteps the discriminator inputs are re-noised to
+    noise: torch.Tensor    # (N, C, H, W) the re-noising noise (CPU; moved to the device per use)
+
+
 # A model call: (x in model space, σ per item, conditioning handle, cfg) → denoised.
 ModelCall = Callable[[torch.Tensor, torch.Tensor, object, float], torch.Tensor]
 # The backbone: (x in model space, σ per item, conditioning handle) → feature maps.
@@ -166,10 +173,13 @@ class Trainer:
                 relative = self._step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
         return inputs, outputs, relative
 
-    def _adversarial_draws(self):
+    def draw(self) -> "Draws":
+        """The iteration's random choices: which trajectory, adv_t and re-noising noise per slot."""
+        index = int(torch.randint(0, len(self.data.positions), (1,), generator=self.rng))
         t_adv = torch.clamp(self.t_to + torch.randint(0, self.adv_span, (self.steps,), generator=self.rng),
                             max=self.num_timesteps - 1)
-        return t_adv
+        noise = torch.randn((self.steps,) + tuple(self.data.positions[index].shape[1:]), generator=self.rng)
+        return Draws(index, t_adv, noise)
 
     # --- one iteration ------------------------------------------------------------------
 
@@ -177,25 +187,38 @@ class Trainer:
         """Iteration self.iteration (even: discriminators, odd: student). Returns its losses.
         Raises NonFiniteLoss without stepping when a loss is NaN/inf."""
         cfg = self.config
-        k = self.iteration
-        index = int(torch.randint(0, len(self.data.positions), (1,), generator=self.rng))
-        student_turn = k % 2 == 1
+        student_turn = self.iteration % 2 == 1
+        draws = self.draw()
         if not student_turn and not cfg.uses_gan:
             self.iteration += 1
             return {}
-        t_adv = self._adversarial_draws()
-        noise_shape = (self.steps,) + tuple(self.data.positions[index].shape[1:])
-        adv_noise = torch.randn(noise_shape, generator=self.rng).to(self.device)
-        positions = self.data.positions[index].to(self.device, torch.float32)
-        cond = self.data.conditioning(index)
-        inputs, outputs, relative = self.targets(positions, cond)
-        absolute = positions[1:]
-        result = self._student_step(inputs, relative, absolute, t_adv, adv_noise, cond) if student_turn \
-            else self._discriminator_step(outputs, relative, absolute, t_adv, adv_noise, cond)
+        result = self.backward(draws, student_turn)
+        if student_turn:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
+            self.student_opt.step()
+            for key in ("loss", "huber", "generator"):
+                self.history[key].append(result[key])
+        else:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), cfg.grad_clip)
+            self.disc_opt.step()
+            self.history["discriminator"].append(result["discriminator"])
         self.iteration += 1
         return result
 
-    def _discriminator_step(self, fakes, relative, absolute, t_adv, noise, cond) -> dict:
+    def backward(self, draws: "Draws", student_turn: bool) -> dict:
+        """The iteration's summed loss for the side whose turn it is, back-propagated into that
+        side's gradients (zeroed first); no optimizer step."""
+        positions = self.data.positions[draws.index].to(self.device, torch.float32)
+        cond = self.data.conditioning(draws.index)
+        inputs, outputs, relative = self.targets(positions, cond)
+        noise = draws.noise.to(self.device)
+        if student_turn:
+            return self._student_backward(inputs, relative, positions[1:], draws.t_adv, noise, cond)
+        return self._discriminator_backward(outputs, relative, positions[1:], draws.t_adv, noise, cond)
+
+    def _discriminator_backward(self, fakes, relative, absolute, t_adv, noise, cond) -> dict:
         cfg, d = self.config, self.discriminators
         reals = [r for r, used in ((relative, cfg.uses_relative), (absolute, cfg.uses_absolute)) if used]
         batch = torch.cat([fakes] + reals)
@@ -206,23 +229,18 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = self.steps
         for j in range(n):
-            fake_f = [f[j:j + 1].detach() for f in feats]
+            fake_f = [f[j:j + 1] for f in feats]
             part = 1
             if cfg.uses_relative:
-                real_f = [f[part * n + j: part * n + j + 1].detach() for f in feats]
+                real_f = [f[part * n + j: part * n + j + 1] for f in feats]
                 total = total + losses.hinge_discriminator(d.relative(fake_f), d.relative(real_f))
                 part += 1
             if cfg.uses_absolute:
-                real_f = [f[part * n + j: part * n + j + 1].detach() for f in feats]
+                real_f = [f[part * n + j: part * n + j + 1] for f in feats]
                 total = total + self.weights[j] * losses.hinge_discriminator(d.absolute(fake_f), d.absolute(real_f))
         self._check_finite(total, "discriminator")
         total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
-        self.disc_opt.step()
-        value = total.item()
-        self.history["discriminator"].append(value)
-        return {"discriminator": value}
+        return {"discriminator": total.item()}
 
     def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond):
         """Huber and generator terms for the slots in z_phi (slot indices j: a slice)."""
@@ -247,7 +265,7 @@ class Trainer:
             generator = generator * cfg.adversarial_weight
         return huber, generator
 
-    def _student_step(self, inputs, relative, absolute, t_adv, noise, cond) -> dict:
+    def _student_backward(self, inputs, relative, absolute, t_adv, noise, cond) -> dict:
         cfg = self.config
         self.student_opt.zero_grad(set_to_none=True)
         if self.discriminators is not None:
@@ -267,12 +285,6 @@ class Trainer:
             if self.discriminators is not None:
                 self.discriminators.requires_grad_(True)
             self.lora.set_enabled(True)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
-        self.student_opt.step()
-        self.history["loss"].append(huber_sum + gen_sum)
-        self.history["huber"].append(huber_sum)
-        self.history["generator"].append(gen_sum)
         return {"loss": huber_sum + gen_sum, "huber": huber_sum, "generator": gen_sum}
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:

@@ -25,6 +25,7 @@ from . import schedule, solver, storage
 FORMAT = "rapm-trajectories"
 FORMAT_VERSION = 1
 SAMPLER_VERSION = 1  # bump when the numbers a given set of inputs produces change
+DEFAULT_BATCH_SIZE = 8  # SD1.5 at 512 px, CFG: fits a 12 GB card (bench/results/perf.json)
 
 
 def parse_prompts(text: str) -> list[str]:

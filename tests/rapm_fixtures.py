@@ -4,7 +4,7 @@ import os
 import torch
 
 import tiny_models
-from comfy_rapm import host, trajectories
+from comfy_rapm import host, session, trajectories
 
 
 def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps=3, cfg=2.0, seed=0, batch_size=2,
@@ -24,8 +24,7 @@ def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps
         positive = host.stack_conditioning([conds[names.index(p)] for p in batch_prompts])
         neg = host.stack_conditioning([negative] * len(seeds))
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
-        positions = host.run_with_denoiser(model, positive, neg, noise.shape, lambda d: trajectories.generate_positions(
-            lambda x, s: d(x, s, cfg=cfg), d.model_sampling, noise.to(d.device), slots).cpu())
+        positions = session.teacher_positions(model, positive, neg, noise, slots, cfg)
         pt, pe = trajectories.conditioning_tensors(positive, "positive")
         nt, ne = trajectories.conditioning_tensors(neg, "negative")
         return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}

@@ -88,7 +88,7 @@ def test_slots_are_decoupled_and_slot_by_slot_backprop_gives_the_same_gradient(t
         positions = tr.data.positions[1].float()
         cond = tr.data.conditioning(1)
         inputs, _, relative = tr.targets(positions, cond)
-        t_adv = tr._adversarial_draws()
+        t_adv = tr.draw().t_adv
         noise = torch.zeros_like(inputs)
 
         def grads(j, slot_inputs):

@@ -1,0 +1,296 @@
+"""GPU speed and memory of RAPM on full-size SD1.5 / SDXL UNets with random weights (cost does not
+depend on the values), built with ComfyUI's own model classes and dtype choice as a checkpoint
+would load, measured through the same code the nodes run (comfy_rapm.session / trainer), against
+the plain slot-by-slot reference of Alg. 2 (bench/reference_rapm.py).
+
+    python bench/perf.py --models sd15,sdxl --out bench/results/perf.json
+
+Prints a table last; writes JSON with the card, torch version, date and this command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+UNET = {
+    "sd15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+             "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+             "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "sdxl": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+             "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+}
+# A miniature SD1.5-shaped UNet, so CI can run this script end to end on a CPU.
+UNET["tiny"] = dict(UNET["sd15"], model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                    transformer_depth_output=[1, 1, 1, 1], num_heads=2)
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
+# PCM's released hyperparameters (DESIGN.md §2)
+HYPER = {"sd15": dict(learning_rate=5e-6, weight_decay=1e-3, delta=20), "sdxl": dict(learning_rate=2e-6, weight_decay=0.0, delta=25)}
+HYPER["tiny"] = HYPER["sd15"]
+
+
+def import_host(comfyui: str | None):
+    """The comfy.* modules the product uses, without the node registry or the server."""
+    from headless.comfy_host import find_comfyui
+    sys.path.insert(0, str(find_comfyui(comfyui)))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    import comfy.model_management  # noqa: F401
+
+
+def build_model(kind: str):
+    import comfy.model_base as mb
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    config = (sm.SDXL if kind == "sdxl" else sm.SD15)(dict(UNET[kind]))
+    params = {"sd15": 860_000_000, "sdxl": 2_570_000_000, "tiny": 2_000_000}[kind]
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), config.supported_inference_dtypes))
+    device = mm.get_torch_device()
+    # Built under inference mode, as ComfyUI's loader nodes make weights: inference tensors.
+    with torch.inference_mode():
+        model = (mb.SDXL if kind == "sdxl" else mb.BaseModel)(config, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.diffusion_model.named_parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, 1.0 / (p[0].numel() ** 0.5), generator=g)
+                elif name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0, 0.02, generator=g)
+        model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    count = sum(p.numel() for p in model.diffusion_model.parameters())
+    return patcher, dtype, count
+
+
+def conditioning(kind: str, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, 77, UNET[kind]["context_dim"], generator=g)
+    extra = {"pooled_output": torch.randn(batch, POOLED[kind], generator=g)}
+    if kind == "sdxl":
+        extra.update(width=1024, height=1024, crop_w=0, crop_h=0, target_width=1024, target_height=1024)
+    return [[cond, extra]]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure_trajectories(patcher, kind, batch, steps, fine_steps):
+    """Teacher trajectories through session.teacher_positions (the node's code), timed per batch."""
+    from comfy_rapm import host, schedule, session
+    latent = RESOLUTION[kind] // 8
+    slots = schedule.slot_timesteps(steps, fine_steps)
+    pos, neg = conditioning(kind, batch, 1), conditioning(kind, batch, 2)
+    noise = torch.randn(batch, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        session.teacher_positions(patcher, pos, neg, noise, schedule.slot_timesteps(steps, 1), 5.0)  # warm-up
+        reset_peak()
+        sync()
+        t0 = time.perf_counter()
+        out = session.teacher_positions(patcher, pos, neg, noise, slots, 5.0)
+        sync()
+        seconds = time.perf_counter() - t0
+    assert torch.isfinite(out).all()
+    return {"batch_size": batch, "steps": steps, "fine_steps": fine_steps, "seconds_per_batch": seconds,
+            "trajectories_per_min": 60.0 * batch / seconds, "peak_gib": peak_gib(),
+            "minutes_per_1000": 1000 / (60.0 * batch / seconds)}
+
+
+def synthetic_set(folder, patcher, kind, count, steps):
+    """A trajectory set on disk with random positions (training cost does not depend on them)."""
+    from comfy_rapm import host, trajectories
+    latent = RESOLUTION[kind] // 8
+    shape = (4, latent, latent)
+    spec = trajectories.Spec(prompts=["p"], negative_prompt="", width=RESOLUTION[kind], height=RESOLUTION[kind],
+                             count=count, steps=steps, fine_steps=25, cfg=5.0, seed=0, batch_size=count,
+                             model=host.model_info(patcher, shape))
+    store = trajectories.Store.open(folder, spec)
+
+    def run_batch(prompts, seeds):
+        pos, neg = conditioning(kind, len(seeds), 1), conditioning(kind, len(seeds), 2)
+        positions = torch.randn((len(seeds), steps + 1) + shape, generator=torch.Generator().manual_seed(0))
+        pt, pe = trajectories.conditioning_tensors(pos, "positive")
+        nt, ne = trajectories.conditioning_tensors(neg, "negative")
+        return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}
+    trajectories.generate(store, run_batch)
+    return trajectories.TrajectorySet(folder)
+
+
+def make_config(kind, iterations, low_memory, rank):
+    from comfy_rapm import trainer
+    return trainer.Config(iterations=iterations, lora_rank=rank, lora_alpha=8.0, discriminator_learning_rate=1e-5,
+                          checkpoint_every=10**9, low_memory=low_memory, **HYPER[kind])
+
+
+def reference_iteration(tr):
+    from bench.reference_rapm import reference_backward
+    student_turn = tr.iteration % 2 == 1
+    draws = tr.draw()
+    reference_backward(tr, draws, student_turn)
+    (tr.student_opt if student_turn else tr.disc_opt).step()
+    tr.iteration += 1
+
+
+def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
+    from comfy_rapm import session
+    low_memory = variant in ("low_memory", "low_memory+checkpointing")
+    gc = variant in ("checkpointing", "low_memory+checkpointing")
+    reset_peak()
+    sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, low_memory, rank), precision="auto",
+                           gradient_checkpointing=gc)
+    step = reference_iteration if variant == "reference" else (lambda tr: tr.run_iteration())
+
+    def fit(tr):
+        for _ in range(warmup):
+            step(tr)
+        sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            step(tr)
+        sync()
+        return (time.perf_counter() - t0) / iterations
+    try:
+        seconds = sess.run(fit)
+        result = {"seconds_per_iteration": seconds, "peak_gib": peak_gib(), "iterations_timed": iterations,
+                  "warmup": warmup, "lora_rank": rank, "lora_parameters": sum(p.numel() for p in sess.lora.parameters())}
+    except torch.OutOfMemoryError:
+        result = {"error": "out of memory", "peak_gib": peak_gib()}
+    del sess
+    return result
+
+
+def check_equivalence(patcher, tset, kind, rank):
+    """Product vs reference on the same draws: loss and gradients, bf16."""
+    from bench.reference_rapm import reference_backward
+    from comfy_rapm import session
+    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision="auto")
+
+    def grads(params):
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+
+    def check(tr):
+        with torch.no_grad():
+            for layer in tr.lora.layers:
+                layer.up.normal_(std=1e-3)
+        out = {}
+        for student_turn in (True, False):
+            draws = tr.draw()
+            params = list(tr.lora.parameters()) if student_turn else list(tr.discriminators.parameters())
+            product = tr.backward(draws, student_turn)
+            gp = grads(params)
+            reference = reference_backward(tr, draws, student_turn)
+            gr = grads(params)
+            value = product["loss"] if student_turn else product["discriminator"]
+            out["student" if student_turn else "discriminator"] = {
+                "loss_rel_diff": abs(value - reference["loss"]) / abs(reference["loss"]),
+                "grad_rel_diff": float((gp - gr).norm() / gr.norm())}
+        return out
+    try:
+        return sess.run(check)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        del sess
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="sd15,sdxl")
+    p.add_argument("--variants", default="default,low_memory,low_memory+checkpointing,reference")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--traj-batch", type=int, default=None, help="default: the node's default batch size")
+    p.add_argument("--traj-fine-steps", type=int, default=25)
+    p.add_argument("--skip-trajectories", action="store_true")
+    p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
+    p.add_argument("--comfyui", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import_host(args.comfyui)
+    if args.resolution:
+        RESOLUTION.update({k: args.resolution for k in RESOLUTION})
+    from comfy_rapm import trajectories
+    batch = args.traj_batch or trajectories.DEFAULT_BATCH_SIZE
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "card": card, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "models": {}}
+    for kind in args.models.split(","):
+        entry = report["models"][kind] = {}
+        t0 = time.perf_counter()
+        patcher, dtype, count = build_model(kind)
+        entry.update(unet_parameters=count, unet_dtype=str(dtype), resolution=RESOLUTION[kind], steps=4)
+        print(f"[{kind}] built {count / 1e6:.0f}M params {dtype} in {time.perf_counter() - t0:.1f}s", flush=True)
+        if not args.skip_trajectories:
+            entry["trajectories"] = measure_trajectories(patcher, kind, batch, 4, args.traj_fine_steps)
+            print(f"[{kind}] trajectories {entry['trajectories']}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            tset = synthetic_set(os.path.join(tmp, "set"), patcher, kind, count=8, steps=4)
+            if not args.skip_equivalence:
+                entry["equivalence_bf16"] = check_equivalence(patcher, tset, kind, args.rank)
+                print(f"[{kind}] equivalence {entry['equivalence_bf16']}", flush=True)
+            entry["training"] = {}
+            for variant in args.variants.split(","):
+                r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)
+                entry["training"][variant] = r
+                print(f"[{kind}] {variant}: {r}", flush=True)
+        del patcher
+        reset_peak()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\ncard: {card}  torch {torch.__version__}")
+    print(f"{'model':6} {'variant':26} {'s/it':>8} {'peak GiB':>9}  20K it (h)")
+    for kind, entry in report["models"].items():
+        for variant, r in entry.get("training", {}).items():
+            if "error" in r:
+                print(f"{kind:6} {variant:26} {r['error']:>8}")
+            else:
+                print(f"{kind:6} {variant:26} {r['seconds_per_iteration']:8.3f} {r['peak_gib']:9.2f}  {r['seconds_per_iteration'] * 20000 / 3600:.2f}")
+        t = entry.get("trajectories")
+        if t:
+            print(f"{kind:6} trajectories (batch {t['batch_size']})  {t['trajectories_per_min']:.1f}/min, peak {t['peak_gib']:.2f} GiB, 1000 in {t['minutes_per_1000']:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""A plain reference of RAPM's Alg. 2 for the benchmark: slot by slot, eager, as the paper writes it
+(no batching across slots, no shared no-grad chain, no memory tricks). It reuses the product's
+primitives (the model call, the LoRA switch, the discriminator heads, DDIM and the losses) but none
+of its scheduling, so it checks that the product's batched iteration computes the same losses and
+gradients, and it is the baseline the product's speed is compared with."""
+from __future__ import annotations
+
+import torch
+
+from comfy_rapm import losses, schedule, solver
+
+
+def _ddim(tr, z_vp, s0, s1, cond, cfg, student):
+    tr.lora.set_enabled(student)
+    x = schedule.from_vp(z_vp, s0, tr.ms)
+    x = solver.ddim_step(lambda xx, ss: tr.model(xx, ss, cond, cfg), x, s0, s1)
+    return schedule.to_vp(x, s1, tr.ms)
+
+
+def _features(tr, z_vp, t_adv, s_n, noise, cond):
+    tr.lora.set_enabled(False)
+    s_adv = schedule.sigma_at(tr.ms, t_adv).to(tr.device)
+    x = schedule.renoise(tr.ms, schedule.from_vp(z_vp, s_n, tr.ms), s_n, s_adv, noise)
+    return tr.features(x, s_adv, cond)
+
+
+def reference_backward(tr, draws, student_turn: bool) -> dict:
+    """Alg. 2 lines 5-16 for one iteration, then backward into the side whose turn it is."""
+    cfg, d = tr.config, tr.discriminators
+    positions = tr.data.positions[draws.index].to(tr.device, torch.float32)
+    cond = tr.data.conditioning(draws.index)
+    noise = draws.noise.to(tr.device)
+    if student_turn:
+        tr.student_opt.zero_grad(set_to_none=True)
+        if d is not None:
+            d.requires_grad_(False)
+    else:
+        tr.disc_opt.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=tr.device)
+    z = positions[0:1]                                                       # z_N = z̃_N
+    for j in range(tr.steps):                                                # n = N-1 … 0
+        s0, s1, sd = tr.s_from[j:j + 1], tr.s_to[j:j + 1], tr.s_delta[j:j + 1]
+        z_tilde_next, z_tilde = positions[j:j + 1], positions[j + 1:j + 2]
+        with torch.no_grad():
+            z_delta = _ddim(tr, z_tilde_next, s0, sd, cond, tr.data.cfg, student=False)   # teacher Δ-step
+            z_hat = _ddim(tr, z_delta, sd, s1, cond, 1.0, student=True).detach()          # 1st detach
+        with torch.set_grad_enabled(student_turn):
+            z_phi = _ddim(tr, z, s0, s1, cond, 1.0, student=True)
+        w = tr.weights[j]
+        if student_turn:
+            if cfg.uses_relative:
+                loss = loss + losses.pseudo_huber(z_phi[0], z_hat[0], cfg.huber_c)
+            if cfg.uses_absolute:
+                loss = loss + w * losses.pseudo_huber(z_phi[0], z_tilde[0], cfg.huber_c)
+        if cfg.uses_gan:
+            t, n = draws.t_adv[j:j + 1], noise[j:j + 1]
+            if student_turn:
+                f = _features(tr, z_phi, t, s1, n, cond)
+                g = torch.zeros((), device=tr.device)
+                if cfg.uses_relative:
+                    g = g + losses.hinge_generator(d.relative(f))
+                if cfg.uses_absolute:
+                    g = g + w * losses.hinge_generator(d.absolute(f))
+                loss = loss + cfg.adversarial_weight * g
+            else:
+                with torch.no_grad():
+                    fake = _features(tr, z_phi.detach(), t, s1, n, cond)
+                    real_rel = _features(tr, z_hat, t, s1, n, cond) if cfg.uses_relative else None
+                    real_abs = _features(tr, z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
+                if cfg.uses_relative:
+                    loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel))
+                if cfg.uses_absolute:
+                    loss = loss + w * losses.hinge_discriminator(d.absolute(fake), d.absolute(real_abs))
+        z = z_phi.detach()                                                   # 2nd detach
+    loss.backward()
+    tr.lora.set_enabled(True)
+    if d is not None:
+        d.requires_grad_(True)
+    return {"loss": loss.item()}

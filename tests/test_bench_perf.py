@@ -1,0 +1,17 @@
+"""bench/perf.py runs end to end (a miniature UNet on the CPU), so the GPU benchmark cannot rot."""
+import json
+
+from bench import perf
+
+
+def test_perf_script_runs_on_a_miniature(host, tmp_path):
+    out = tmp_path / "perf.json"
+    assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--traj-fine-steps", "2", "--rank", "4",
+                      "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    tiny = report["models"]["tiny"]
+    assert set(tiny["training"]) == {"default", "low_memory", "low_memory+checkpointing", "reference"}
+    assert all(r["seconds_per_iteration"] > 0 for r in tiny["training"].values())
+    assert tiny["trajectories"]["trajectories_per_min"] > 0
+    assert tiny["equivalence_bf16"]["student"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU
+    assert report["command"].startswith("python bench/perf.py") and report["torch"]
