@@ -18,8 +18,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "quality: the quality-benchmark miniature (data prep, teacher, eval)")
     config.addinivalue_line("markers", "server: starts the real ComfyUI server")
     # ComfyUI in-process before any test module imports comfy_rapm.host (which imports comfy.*).
+    # Its start-up warnings (no torchaudio here) are not ours: keep them out of the test output.
+    import logging
     from headless.comfy_host import boot
+    logging.getLogger().setLevel(logging.CRITICAL)
     boot(cpu=True)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

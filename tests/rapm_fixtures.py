@@ -3,7 +3,7 @@ import os
 
 import torch
 
-import tiny_models
+from headless import tiny_models
 from comfy_rapm import host, session, trajectories
 
 

@@ -365,9 +365,7 @@ def txt2img_workflow(ckpt_name):
 
 
 def test_txt2img_ui_workflow_with_tiny_checkpoint(host, tmp_path, keep_folders, capsys):
-    tiny_models = pytest.importorskip("tiny_models")
-    if not hasattr(tiny_models, "make_sd15_checkpoint"):
-        pytest.skip("tests/tiny_models.py has no make_sd15_checkpoint")
+    from headless import tiny_models
     models = tmp_path / "models"
     tiny_models.make_sd15_checkpoint(str(models / "checkpoints" / "headless_tiny.safetensors"), seed=0)
     wf = tmp_path / "txt2img.json"

@@ -1,7 +1,7 @@
 """The host module: gradients reach adapters and never base weights; the cached model stays as it was."""
 import torch
 
-import tiny_models
+from headless import tiny_models
 from comfy_rapm import lora as lora_mod
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rapm_fixtures
-import tiny_models
+from headless import tiny_models
 
 
 def _rel(a, b):

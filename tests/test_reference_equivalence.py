@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rapm_fixtures
-import tiny_models
+from headless import tiny_models
 from bench.reference_rapm import reference_backward
 from comfy_rapm import session, trainer
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tiny_models
+from headless import tiny_models
 
 
 def _rel(a, b):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
+from headless import tiny_models
 from headless.comfy_host import find_comfyui
 
 pytestmark = pytest.mark.server

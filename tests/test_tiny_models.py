@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import tiny_models  # noqa: E402
+from headless import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rapm_fixtures
-import tiny_models
+from headless import tiny_models
 from comfy_rapm import losses, schedule, session, solver, trainer
 
 

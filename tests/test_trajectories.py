@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import tiny_models
+from headless import tiny_models
 from comfy_rapm import schedule
 
 

@@ -1,6 +1,5 @@
-"""Tiny random-weight models for the tests, built at test time (no real weights exist here).
-
-A plain module, not a package: tests put tests/ on sys.path and `import tiny_models`.
+"""Tiny random-weight models built at run time (no real weights exist here): the tests' models and
+the built-in checkpoint of `make demo`.
 
 - make_sd15_checkpoint(path, seed): a safetensors checkpoint that ComfyUI's stock
   CheckpointLoaderSimple detects as SD1.5 (model_config class SD15): a one-level UNet with

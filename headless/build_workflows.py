@@ -1,0 +1,188 @@
+"""Writes workflows/*.json (ComfyUI's UI format, what users load and share) from the specs below,
+taking widget order and output types from the installed nodes' own INPUT_TYPES / RETURN_TYPES.
+
+    .venv/bin/python headless/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SD15_PROMPTS = """# One prompt per line; the paper used 1,000 prompts (CC3M captions). Put a long list in a text
+# file in ComfyUI's input folder and name it in prompts_file.
+a photo of a cat sitting on a windowsill
+a watercolor painting of a lighthouse at dawn
+a portrait of an old man, dramatic light
+a bowl of fruit on a wooden table
+a red sports car on a mountain road
+an astronaut riding a horse in the forest
+a teddy bear on a skateboard in times square
+a cozy cabin in the snow at night
+a goat wearing headphones
+a city street in the rain, neon signs"""
+
+DEMO_PROMPTS = """# The demo's teacher is a tiny random-weight model (no real weights ship here):
+# the images are noise, but every step of the pipeline runs for real.
+a red apple
+a blue car
+a green frog
+a yellow star"""
+
+
+def _notes(text):
+    return {"type": "Note", "widgets": {"text": text}}
+
+
+def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, teacher_steps, name, notes):
+    """The whole precompute → distill → sample graph."""
+    return [
+        dict(id=1, type="CheckpointLoaderSimple", title="Teacher checkpoint", pos=(20, 80), widgets={"ckpt_name": ckpt}),
+        dict(id=2, type="RAPMTeacherTrajectory", pos=(420, 80), inputs={"model": (1, 0), "clip": (1, 1)},
+             widgets=dict(prompts=prompts, negative_prompt="", width=size, height=size, count=count, steps=4,
+                          fine_steps=fine_steps, cfg=cfg, seed=0, batch_size=batch_size, name=name, prompts_file="")),
+        dict(id=3, type="RAPMTrain", pos=(860, 80), inputs={"model": (1, 0), "trajectories": (2, 0)},
+             widgets=dict(train, delta=0, absolute_weight="1.0", huber_c=0.001, adversarial_weight=0.1, mode="rapm",
+                          seed=0, name=name)),
+        dict(id=4, type="RAPMSaveLoRA", pos=(1300, 80), inputs={"lora": (3, 1)},
+             widgets={"filename_prefix": f"rapm/{name}", "key_format": "comfyui"}),
+        dict(id=5, type="LossGraphNode", pos=(1300, 300), inputs={"loss": (3, 2)}, widgets={"filename_prefix": f"rapm/{name}_loss"}),
+        dict(id=6, type="CLIPTextEncode", title="Sample prompt", pos=(420, 700), inputs={"clip": (1, 1)},
+             widgets={"text": "a photo of a cat sitting on a windowsill" if "cat" in prompts else "a red apple"}),
+        dict(id=7, type="CLIPTextEncode", title="Negative (teacher only)", pos=(420, 920), inputs={"clip": (1, 1)},
+             widgets={"text": ""}),
+        dict(id=8, type="EmptyLatentImage", pos=(420, 1120), widgets={"width": size, "height": size, "batch_size": 1}),
+        dict(id=9, type="RAPMSampler", title="Student (4 steps, cfg 1)", pos=(860, 700),
+             inputs={"model": (3, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)},
+             widgets={"seed": 42, "steps": 4, "cfg": 1.0}),
+        dict(id=10, type="RAPMSampler", title=f"Teacher ({teacher_steps} DDIM steps, cfg {cfg})", pos=(860, 980),
+             inputs={"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)},
+             widgets={"seed": 42, "steps": teacher_steps, "cfg": cfg}),
+        dict(id=11, type="VAEDecode", title="Decode student", pos=(1300, 700), inputs={"samples": (9, 0), "vae": (1, 2)}),
+        dict(id=12, type="VAEDecode", title="Decode teacher", pos=(1300, 980), inputs={"samples": (10, 0), "vae": (1, 2)}),
+        dict(id=13, type="SaveImage", title="Student image", pos=(1560, 700), inputs={"images": (11, 0)},
+             widgets={"filename_prefix": f"rapm/{name}_student"}),
+        dict(id=14, type="ImageStitch", title="Teacher | student", pos=(1560, 980), inputs={"image1": (12, 0), "image2": (11, 0)},
+             widgets={"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}),
+        dict(id=15, type="SaveImage", title="Teacher vs student", pos=(1820, 980), inputs={"images": (14, 0)},
+             widgets={"filename_prefix": f"rapm/{name}_teacher_vs_student"}),
+        dict(id=16, type="Note", title="How this works", pos=(20, 320), size=(360, 360), widgets={"text": notes}),
+    ]
+
+
+SD15_NOTE = """RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: arXiv 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
+
+1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6. Rerun to resume; output/rapm_trajectories/<name>/.
+2. RAPM Train: 20,000 iterations at batch 1 (PCM's settings: LoRA rank 64 alpha 8, lr 5e-6, wd 1e-3, discriminator lr 1e-5, Δ auto = 20, adversarial weight 0.1). Checkpoints to output/rapm_runs/<name>/; rerun with the same name to resume. low_memory / gradient_checkpointing trade time for memory.
+3. LoRA Save writes models/loras/rapm/<name>.safetensors; any workflow can use it with a LoRA loader and KSampler: sampler euler, scheduler simple, 4 steps, cfg 1.
+4. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed."""
+
+SDXL_NOTE = """RAPM distillation of SDXL into a 4-step LoRA.
+
+Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories.
+For a 24 GB card keep low_memory and gradient_checkpointing on (measured peak ~13 GiB; without checkpointing ~27 GiB, default ~52 GiB on an H200, see the README).
+Use the LoRA anywhere with a LoRA loader and KSampler: euler, simple, 4 steps, cfg 1."""
+
+DEMO_NOTE = """The demo pipeline on a tiny built-in checkpoint (random weights, generated by `make demo`): 8 trajectories, 40 training iterations, a few minutes on a CPU.
+Its images are noise: no real weights exist on this machine. Load an SD1.5 or SDXL workflow for the real thing."""
+
+WORKFLOWS = {
+    "rapm_sd15.json": pipeline(
+        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 8,
+        dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
+             checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto"),
+        100, "sd15_rapm", SD15_NOTE),
+    "rapm_sdxl.json": pipeline(
+        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 4,
+        dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
+             checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=True, precision="auto"),
+        100, "sdxl_rapm", SDXL_NOTE),
+    "rapm_demo.json": pipeline(
+        "rapm_demo_sd15.safetensors", 64, DEMO_PROMPTS, 8, 5, 5.0, 4,
+        dict(iterations=40, lora_rank=8, lora_alpha=8.0, learning_rate=1e-4, discriminator_learning_rate=1e-4,
+             checkpoint_every=20, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto"),
+        20, "demo", DEMO_NOTE),
+}
+
+
+def _inputs(cls):
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind = entry[0]
+            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            yield name, kind, opts
+
+
+def _is_widget(kind, opts):
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") and not opts.get("forceInput")
+
+
+def to_ui(specs, classes):
+    nodes, links = [], []
+    link_id = 0
+    outgoing = {}
+    for order, spec in enumerate(specs):
+        if spec["type"] == "Note":
+            continue
+        for input_name, (src, slot) in spec.get("inputs", {}).items():
+            link_id += 1
+            outgoing.setdefault((src, slot), []).append(link_id)
+            spec.setdefault("_links", {})[input_name] = link_id
+    for order, spec in enumerate(specs):
+        ui = {"id": spec["id"], "type": spec["type"], "pos": list(spec["pos"]), "size": list(spec.get("size", (360, 200))),
+              "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+              "properties": {"Node name for S&R": spec["type"]}, "widgets_values": []}
+        if spec.get("title"):
+            ui["title"] = spec["title"]
+        if spec["type"] == "Note":
+            ui["widgets_values"] = [spec["widgets"]["text"]]
+            nodes.append(ui)
+            continue
+        cls = classes[spec["type"]]
+        for name, kind, opts in _inputs(cls):
+            link = spec.get("_links", {}).get(name)
+            if _is_widget(kind, opts):
+                if name not in spec.get("widgets", {}):
+                    raise KeyError(f"{spec['type']}: no value for widget {name}")
+                ui["widgets_values"].append(spec["widgets"][name])
+                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                    ui["widgets_values"].append("fixed")
+            elif link is not None:
+                ui["inputs"].append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link})
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        for slot, (out_name, out_type) in enumerate(zip(names, cls.RETURN_TYPES)):
+            ids = outgoing.get((spec["id"], slot), [])
+            ui["outputs"].append({"name": out_name, "type": out_type, "links": ids, "slot_index": slot})
+            for lid in ids:
+                target = next(s for s in specs if lid in s.get("_links", {}).values())
+                target_input = next(n for n, i in target["_links"].items() if i == lid)
+                target_slot = [x["name"] for x in _ui_link_inputs(target, classes)].index(target_input)
+                links.append([lid, spec["id"], slot, target["id"], target_slot, out_type])
+        nodes.append(ui)
+    links.sort()
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _ui_link_inputs(spec, classes):
+    return [{"name": n} for n, kind, opts in _inputs(classes[spec["type"]])
+            if not _is_widget(kind, opts) and n in spec.get("_links", {})]
+
+
+def main():
+    from headless.comfy_host import boot
+    nodes = boot(cpu=True)
+    out = REPO / "workflows"
+    out.mkdir(exist_ok=True)
+    for filename, specs in WORKFLOWS.items():
+        workflow = to_ui([dict(s) for s in specs], nodes.NODE_CLASS_MAPPINGS)
+        (out / filename).write_text(json.dumps(workflow, indent=1) + "\n")
+        print("wrote", out / filename)
+
+
+if __name__ == "__main__":
+    main()

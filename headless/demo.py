@@ -1,0 +1,57 @@
+"""`make demo`: the whole RAPM pipeline (trajectories → training → LoRA file → teacher-vs-student
+images) from workflows/rapm_demo.json, run headless through ComfyUI's own executor on the built-in
+demo checkpoint (tiny, random weights, written here on first use). Outputs go to out/demo/."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEMO_CHECKPOINT = "rapm_demo_sd15.safetensors"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(REPO / "out" / "demo"), help="where models and outputs go (default out/demo)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="passed to headless/run.py --set")
+    p.add_argument("--workflow", default=str(REPO / "workflows" / "rapm_demo.json"))
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    models, output = out / "models", out / "output"
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    ckpt = models / "checkpoints" / DEMO_CHECKPOINT
+    t0 = time.time()
+    from headless import run
+    if not ckpt.exists():
+        from headless.comfy_host import boot
+        boot(output_directory=str(output))
+        from headless import tiny_models
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tiny_models.make_sd15_checkpoint(str(ckpt), seed=0)
+        print(f"[demo] wrote the built-in demo checkpoint {ckpt}")
+    argv_run = [args.workflow, "--models", str(models), "--output-directory", str(output)]
+    for s in args.sets:
+        argv_run += ["--set", s]
+    code = run.main(argv_run)
+    if code != 0:
+        return code
+    loras = sorted((models / "loras").rglob("*.safetensors"), key=os.path.getmtime)
+    images = sorted(output.rglob("*.png"), key=os.path.getmtime)
+    print("\n[demo] summary")
+    print(f"  total time        {time.time() - t0:.0f} s")
+    print(f"  trajectories      {output / 'rapm_trajectories' / 'demo'}")
+    print(f"  training run      {output / 'rapm_runs' / 'demo'} (rerun resumes; delete it to retrain)")
+    if loras:
+        print(f"  LoRA              {loras[-1]}")
+    for image in images[-3:]:
+        print(f"  image             {image}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
