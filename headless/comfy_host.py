@@ -44,7 +44,7 @@ def boot(comfyui: str | None = None, cpu: bool | None = None, output_directory: 
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
         if quiet:
-            logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         import comfy.options
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args

@@ -12,6 +12,15 @@ PY=${PYTHON:-python3}
 STAMP=$HOST_PARENT/.setup-stamp
 want=$(cat scripts/setup.sh scripts/constraints.txt pyproject.toml bench/quality/requirements.txt | sha256sum | cut -c1-16)
 
+# Headless Chromium for tests/test_frontend.py (Playwright drives it and downloads no browser). Its own
+# step, before the stamp check: a no-op once chromium is on PATH; installs only as root where apt-get
+# exists (elsewhere install it yourself, or the test fails saying so).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] chromium (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ] && [ -f "$HOST/main.py" ]; then
     exit 0
 fi

@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "quality: the quality-benchmark miniature (data prep, teacher, eval)")
     config.addinivalue_line("markers", "server: starts the real ComfyUI server")
+    config.addinivalue_line("markers", "frontend: the real web front end in headless Chromium")
     # ComfyUI in-process before any test module imports comfy_rapm.host (which imports comfy.*).
     # Its start-up warnings (no torchaudio here) are not ours: keep them out of the test output.
     import logging

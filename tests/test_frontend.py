@@ -1,0 +1,305 @@
+"""The real web front end: the ComfyUI server (main.py --cpu) with its front end (the pip package
+comfyui-frontend-package) in headless Chromium, driven by Playwright (the PyPI package's driver only; the
+browser is the system's Chromium, so nothing downloads one). Each workflows/*.json is loaded through the
+front end's own `app.loadGraphData`, then:
+
+  * no missing-nodes dialog (the front end's "global-missing-nodes" dialog, `.comfy-missing-nodes` list)
+    and no other dialog or error/warning toast is showing, `app.showMissingNodesError` was never called,
+    and every node in `app.graph` is an instance of its registered type (a missing type becomes a bare
+    LGraphNode placeholder with has_errors);
+  * every RAPM node is in `app.graph._nodes` with widgets named as its INPUT_TYPES widget inputs (plus the
+    front end's control_after_generate after a seed), holding the workflow's widgets_values, drawn inside
+    the node and not under another node;
+  * a screenshot per workflow goes to $RAPM_SCREENSHOTS (default: this test's tmp dir).
+
+A bogus node type is loaded last, to prove the missing-node checks do fire in this front end version.
+Chromium comes from scripts/setup.sh (Debian `chromium`); RAPM_CHROMIUM overrides its path.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from headless.comfy_host import boot, find_comfyui
+
+pytestmark = pytest.mark.frontend
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = ["rapm_sd15.json", "rapm_sdxl.json", "rapm_demo.json"]
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]  # containers often give /dev/shm only 64 MB
+VIEWPORT = {"width": 1920, "height": 1200}
+# Seeded into the server's fresh user directory: no first-run templates dialog, no minimap over the
+# graph, and the missing-nodes warning on (its default) whatever the front end's defaults become.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingNodesWarning": True,
+            "Comfy.Minimap.Visible": False}
+
+
+def _chromium():
+    for candidate in (os.environ.get("RAPM_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                      "/usr/bin/chromium"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("Chromium not found: run scripts/setup.sh as root (it installs Debian's `chromium`), "
+                "or `apt-get install chromium`, or set RAPM_CHROMIUM to a Chromium/Chrome binary")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expected_widgets(cls):
+    """Widget names the front end builds from INPUT_TYPES: each widget input in order, and a
+    control_after_generate combo after an INT that asks for one or is named seed / noise_seed."""
+    spec = cls.INPUT_TYPES()
+    names = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind = entry[0]
+            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            names.append(name)
+            if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                names.append("control_after_generate")
+    return names
+
+
+def _same(a, b):
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return b == pytest.approx(a, rel=1e-9, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """main.py --cpu on a free port, with fresh user/input/output folders. Yields its base URL."""
+    base_dir = tmp_path_factory.mktemp("frontend_server")
+    user = base_dir / "user"
+    (user / "default").mkdir(parents=True)
+    (user / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    port = _free_port()
+    log_path = base_dir / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--output-directory", str(base_dir / "output"), "--input-directory", str(base_dir / "input"),
+         "--user-directory", str(user), "--disable-auto-launch", "--disable-api-nodes"],
+        cwd=find_comfyui(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail("server exited:\n" + log_path.read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{url}/object_info/RAPMSampler", timeout=5) as r:
+                    if "RAPMSampler" in json.loads(r.read()):
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not answer in 120 s:\n" + log_path.read_text()[-3000:])
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    """Headless Chromium (fresh user-data-dir) on the front end, app and node definitions loaded."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install -e .[test]` (scripts/setup.sh does it)")
+    chromium = _chromium()
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT,
+            timeout=60_000)
+        try:
+            pg = context.pages[0] if context.pages else context.new_page()
+            pg.page_errors = []
+            pg.on("pageerror", lambda e: pg.page_errors.append(str(e)))
+            # The "Introducing Nodes 2.0" banner would cover the top of every screenshot.
+            pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+            pg.goto(server + "/", timeout=60_000)
+            pg.wait_for_function(
+                "() => window.app && app.graph && app.canvas && window.LiteGraph"
+                " && 'RAPMSampler' in LiteGraph.registered_node_types"
+                " && !document.querySelector('.p-progressspinner, #loading-container')", timeout=60_000)
+            # Record every missing-node report, whatever the setting or the dialog's look.
+            pg.evaluate("""() => {
+                window.__rapmMissing = [];
+                const original = app.showMissingNodesError.bind(app);
+                app.showMissingNodesError = (types) => { window.__rapmMissing.push(...types); return original(types); };
+            }""")
+            yield pg
+        finally:
+            context.close()
+
+
+STATE_JS = """() => {
+    const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+    const registered = LiteGraph.registered_node_types;
+    return {
+        frontend: window.__COMFYUI_FRONTEND_VERSION__,
+        missingReported: window.__rapmMissing.map(t => typeof t === 'string' ? t : t.type),
+        missingDialog: Array.from(document.querySelectorAll(
+            '[aria-labelledby="global-missing-nodes"], .comfy-missing-nodes')).filter(visible).map(e => e.innerText),
+        dialogs: Array.from(document.querySelectorAll('.p-dialog')).filter(visible)
+            .map(e => (e.getAttribute('aria-labelledby') || '') + ': ' + e.innerText.slice(0, 300)),
+        toasts: Array.from(document.querySelectorAll('.p-toast-message')).filter(visible)
+            .map(e => e.className + ': ' + e.innerText.slice(0, 300)),
+        nodes: app.graph._nodes.map(n => ({
+            id: n.id, type: n.type, title: n.title, mode: n.mode, collapsed: !!(n.flags && n.flags.collapsed),
+            placeholder: !!n.has_errors || !registered[n.type] || n.constructor !== registered[n.type],
+            rect: Array.from(n.boundingRect), pos: Array.from(n.pos), size: Array.from(n.size),
+            widgets: (n.widgets || []).map(w => ({
+                name: w.name, type: w.type, value: w.value, hidden: !!w.hidden,
+                y: w.last_y ?? w.y, height: w.computedHeight ?? (w.computeSize ? w.computeSize(n.size[0])[1] : 20),
+            })),
+        })),
+    };
+}"""
+
+FIT_JS = """([left, top, margin]) => {
+    const rects = app.graph._nodes.map(n => n.boundingRect);
+    const x0 = Math.min(...rects.map(r => r[0])), y0 = Math.min(...rects.map(r => r[1]));
+    const x1 = Math.max(...rects.map(r => r[0] + r[2])), y1 = Math.max(...rects.map(r => r[1] + r[3]));
+    const el = app.canvas.canvas, w = el.clientWidth, h = el.clientHeight;
+    const scale = Math.min(1, (w - left - margin) / (x1 - x0), (h - top - margin) / (y1 - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [left / scale - x0, top / scale - y0];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    return scale;
+}"""
+
+
+def _load(page, workflow):
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
+    # Let dialogs/toasts mount and the canvas draw every node (widgets get their y when drawn).
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    page.wait_for_timeout(300)
+
+
+def _overlaps(a, b):
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _check(workflow, state, classes):
+    problems = []
+    if state["missingReported"]:
+        problems.append(f"front end reported missing node types: {state['missingReported']}")
+    if state["missingDialog"]:
+        problems.append(f"missing-nodes dialog shown: {state['missingDialog']}")
+    if state["dialogs"]:
+        problems.append(f"dialogs open: {state['dialogs']}")
+    bad_toasts = [t for t in state["toasts"] if "error" in t or "warn" in t or "missing" in t.lower()]
+    if bad_toasts:
+        problems.append(f"error/warning toasts: {bad_toasts}")
+    placeholders = [(n["id"], n["type"]) for n in state["nodes"] if n["placeholder"]]
+    if placeholders:
+        problems.append(f"nodes without a registered type (missing-node placeholders): {placeholders}")
+
+    live = {n["id"]: n for n in state["nodes"]}
+    want_ids = sorted(n["id"] for n in workflow["nodes"])
+    if sorted(live) != want_ids:
+        problems.append(f"graph has nodes {sorted(live)}, the file {want_ids}")
+    rapm = [n for n in workflow["nodes"] if n["type"].startswith("RAPM")]
+    if not rapm:
+        problems.append("no RAPM node in the workflow")
+    for spec in rapm:
+        node = live.get(spec["id"])
+        tag = f"#{spec['id']} {spec['type']}"
+        if node is None or node["type"] != spec["type"]:
+            problems.append(f"{tag}: not in app.graph._nodes ({node and node['type']})")
+            continue
+        names = [w["name"] for w in node["widgets"]]
+        want = _expected_widgets(classes[spec["type"]])
+        if names != want:
+            problems.append(f"{tag}: widgets {names}, INPUT_TYPES gives {want}")
+        values = [w["value"] for w in node["widgets"]]
+        if len(values) != len(spec["widgets_values"]) or not all(map(_same, spec["widgets_values"], values)):
+            problems.append(f"{tag}: widget values {values}, the file has {spec['widgets_values']}")
+        if node["collapsed"] or node["mode"] != 0:
+            problems.append(f"{tag}: collapsed or not in mode 0 (always)")
+        for w in node["widgets"]:
+            if w["hidden"] or w["y"] is None or not (0 <= w["y"] and w["y"] + w["height"] <= node["size"][1] + 1):
+                problems.append(f"{tag}: widget {w['name']} not drawn inside the node (y={w['y']}, "
+                                f"height={w['height']}, node height {node['size'][1]}, hidden={w['hidden']})")
+        if node["widgets"]:
+            top = node["pos"][1] + min(w["y"] or 0 for w in node["widgets"])
+            bottom = node["pos"][1] + max((w["y"] or 0) + w["height"] for w in node["widgets"])
+            area = [node["pos"][0], top, node["size"][0], bottom - top]
+            covering = [(o["id"], o["type"]) for o in state["nodes"] if o["id"] != node["id"] and _overlaps(area, o["rect"])]
+            if covering:
+                problems.append(f"{tag}: its widgets overlap nodes {covering}")
+    for i, a in enumerate(state["nodes"]):  # the layout: no node covers another
+        for b in state["nodes"][i + 1:]:
+            if _overlaps(a["rect"], b["rect"]):
+                problems.append(f"nodes #{a['id']} {a['type']} and #{b['id']} {b['type']} overlap")
+    return problems
+
+
+def test_workflows_load_in_the_real_front_end(page, tmp_path):
+    shots = Path(os.environ.get("RAPM_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    classes = boot(cpu=True).NODE_CLASS_MAPPINGS
+    failures = {}
+    for name in WORKFLOWS:
+        workflow = json.loads((REPO / "workflows" / name).read_text())
+        errors_before = len(page.page_errors)
+        _load(page, workflow)
+        page.evaluate(FIT_JS, [72, 110, 24])
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        shot = shots / (Path(name).stem + ".png")
+        page.screenshot(path=str(shot))
+        state = page.evaluate(STATE_JS)
+        problems = _check(workflow, state, classes)
+        if len(page.page_errors) > errors_before:
+            problems.append(f"uncaught page errors while loading: {page.page_errors[errors_before:]}")
+        if problems:
+            failures[name] = problems
+        assert shot.is_file() and shot.stat().st_size > 10_000
+    assert not failures, (f"front end {page.evaluate('window.__COMFYUI_FRONTEND_VERSION__')}, screenshots in {shots}:\n"
+                          + json.dumps(failures, indent=1))
+
+    # The checks above can fail: a type the server does not know brings up the dialog and a placeholder.
+    bogus = json.loads((REPO / "workflows" / WORKFLOWS[0]).read_text())
+    bogus["nodes"][0]["type"] = "RAPMNoSuchNode"
+    _load(page, bogus)
+    state = page.evaluate(STATE_JS)
+    assert "RAPMNoSuchNode" in state["missingReported"]
+    assert any("RAPMNoSuchNode" in text for text in state["missingDialog"]), state["dialogs"]
+    assert [n["type"] for n in state["nodes"] if n["placeholder"]] == ["RAPMNoSuchNode"]
+
+
+def test_every_rapm_node_type_builds_its_widgets(page):
+    """All five node types, RAPMLoadTrajectories included (no workflow has one), as the front end builds
+    them from /object_info: registered, with the INPUT_TYPES widgets in order."""
+    classes = boot(cpu=True).NODE_CLASS_MAPPINGS
+    rapm = sorted(name for name in classes if name.startswith("RAPM"))
+    assert len(rapm) == 5, rapm
+    built = page.evaluate("""(types) => Object.fromEntries(types.map(t => {
+        const n = LiteGraph.createNode(t);
+        return [t, n && n.constructor === LiteGraph.registered_node_types[t] ? (n.widgets || []).map(w => w.name) : null];
+    }))""", rapm)
+    assert built == {name: _expected_widgets(classes[name]) for name in rapm}
