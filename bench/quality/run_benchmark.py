@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=REPO / ".data" / "quality")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--teacher", type=Path, default=None, help="a trained teacher folder (skips training)")
+    ap.add_argument("--work", type=Path, default=None, help="trajectory sets (default OUT/work)")
     ap.add_argument("--teacher-minutes", type=float, default=2.0)
     ap.add_argument("--teacher-config", default='{"num_res_blocks": 1}', help="≤ 20 MB in fp16, the demo's size limit")
     ap.add_argument("--trajectories", type=int, default=1000)
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     sets = {}
     for steps in sorted({RUNS[r][0] for r in args.runs.split(",")}, reverse=True):
         t0 = time.perf_counter()
-        sets[steps] = trajectory_set(args.out / "work" / f"trajectories_N{steps}", mp, data, traj_rows, steps,
+        sets[steps] = trajectory_set((args.work or args.out / "work") / f"trajectories_N{steps}", mp, data, traj_rows, steps,
                                      args.fine_steps, args.cfg, batch_size=250)
         clock.log(f"{len(sets[steps])} trajectories N={steps} M={args.fine_steps} in {time.perf_counter() - t0:.0f}s")
 
@@ -192,18 +193,24 @@ def main(argv=None) -> int:
         curve_every = max(2, args.iterations // args.curve_points) if run == "rapm4" else args.iterations
         t0 = time.perf_counter()
 
-        def fit(tr):
-            while tr.iteration < args.iterations:
-                tr.config.iterations = min(args.iterations, tr.iteration + curve_every)  # train in chunks
-                trainer.train(tr, None)
-                if run == "rapm4" and tr.iteration < args.iterations:
-                    student = host.apply_lora(mp, sess.lora_weights({}))
-                    m, _ = score(student, 4, 1.0)
-                    report["curve"].append({"iteration": tr.iteration, "fd_heldout": m["heldout"]["fd"],
-                                            "fd_train": m["train"]["fd"]})
-                    clock.log(f"  {run} @ {tr.iteration}: FD held-out {m['heldout']['fd']:.2f}")
-            return tr.iteration
-        done = sess.run(fit)
+        # Train in chunks, scoring between them outside the training context (sampling another
+        # patcher of the same model inside it would unload it); each chunk resumes from the run's
+        # checkpoint, the same path as a resumed RAPMTrain node, so the chunks are one training run.
+        run_dir = trainer.Run((args.work or args.out / "work") / f"run_{run}", {"run": run})
+        run_dir.open()
+        done = 0
+        while done < args.iterations:
+            config.iterations = min(args.iterations, done + curve_every)
+
+            def fit(tr):
+                run_dir.restore(tr)
+                trainer.train(tr, run_dir)
+                return tr.iteration
+            done = sess.run(fit)
+            if run == "rapm4" and done < args.iterations:
+                m, _ = score(host.apply_lora(mp, sess.lora_weights({})), 4, 1.0)
+                report["curve"].append({"iteration": done, "fd_heldout": m["heldout"]["fd"], "fd_train": m["train"]["fd"]})
+                clock.log(f"  {run} @ {done}: FD held-out {m['heldout']['fd']:.2f}")
         seconds = time.perf_counter() - t0
         students[run] = host.apply_lora(mp, sess.lora_weights({}))
         if run == "rapm4":
