@@ -251,3 +251,23 @@ def test_pipeline_miniature(mods, mini, tmp_path):
         assert im.size == (2 + 4 * 34, 2 + 2 * 34) and im.mode == "RGB"
         px = np.asarray(im)
     np.testing.assert_array_equal(px[2:34, 2:34], real[rows[0]].permute(1, 2, 0).numpy())
+
+
+def test_benchmark_driver_miniature(mods, mini, tmp_path):
+    """bench/quality/run_benchmark.py end to end at toy scale: teacher, trajectories through the product's
+    store, RAPM and the three ablations through the product's trainer, evaluation, report."""
+    import json
+    import run_benchmark
+    out = tmp_path / "q"
+    assert run_benchmark.main([
+        "--data", str(mini), "--out", str(out), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
+        "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
+        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6"]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert set(report["rows"]) == {r[0] for r in run_benchmark.ROWS}
+    assert all(r["heldout"]["fd"] >= 0 and r["train"]["n"] == 12 for r in report["rows"].values())
+    assert set(report["training"]) == {"rapm4", "relative_only4", "absolute_only4", "huber_only4", "rapm2"}
+    assert all(t["iterations"] == 4 for t in report["training"].values())
+    assert [c["iteration"] for c in report["curve"]] == [2, 4]
+    assert "rapm4_better_than_huber_only" in report["goals"]
+    assert (out / "quality.md").is_file() and (out / "grids.png").is_file() and (out / "rapm4_lora.safetensors").is_file()
