@@ -157,10 +157,7 @@ class RAPMTeacherTrajectory:
             positive = host.stack_conditioning([encode(p) for p in batch_prompts], "prompts")
             negative = host.stack_conditioning([encode(negative_prompt)] * len(seeds), "negative_prompt")
             noise = torch.cat([host.prepare_noise(torch.zeros((1,) + latent_shape), s) for s in seeds])
-            positions = session.teacher_positions(model, positive, negative, noise, slots, cfg, on_step=host.check_interrupt)
-            pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
-            neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
-            return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
+            return session.trajectory_shard(model, positive, negative, noise, slots, cfg, on_step=host.check_interrupt)
 
         def batch_done(done, total):
             bar.update_absolute(done)

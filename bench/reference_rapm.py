@@ -7,21 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_rapm import losses, schedule, solver
-
-
-def _ddim(tr, z_vp, s0, s1, cond, cfg, student):
-    tr.lora.set_enabled(student)
-    x = schedule.from_vp(z_vp, s0, tr.ms)
-    x = solver.ddim_step(lambda xx, ss: tr.model(xx, ss, cond, cfg), x, s0, s1)
-    return schedule.to_vp(x, s1, tr.ms)
-
-
-def _features(tr, z_vp, t_adv, s_n, noise, cond):
-    tr.lora.set_enabled(False)
-    s_adv = schedule.sigma_at(tr.ms, t_adv).to(tr.device)
-    x = schedule.renoise(tr.ms, schedule.from_vp(z_vp, s_n, tr.ms), s_n, s_adv, noise)
-    return tr.features(x, s_adv, cond)
+from comfy_rapm import losses
 
 
 def reference_backward(tr, draws, student_turn: bool) -> dict:
@@ -42,10 +28,10 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
         s0, s1, sd = tr.s_from[j:j + 1], tr.s_to[j:j + 1], tr.s_delta[j:j + 1]
         z_tilde_next, z_tilde = positions[j:j + 1], positions[j + 1:j + 2]
         with torch.no_grad():
-            z_delta = _ddim(tr, z_tilde_next, s0, sd, cond, tr.data.cfg, student=False)   # teacher Δ-step
-            z_hat = _ddim(tr, z_delta, sd, s1, cond, 1.0, student=True).detach()          # 1st detach
+            z_delta = tr._step(z_tilde_next, s0, sd, cond, tr.data.cfg, student=False)   # teacher Δ-step
+            z_hat = tr._step(z_delta, sd, s1, cond, 1.0, student=True).detach()          # 1st detach
         with torch.set_grad_enabled(student_turn):
-            z_phi = _ddim(tr, z, s0, s1, cond, 1.0, student=True)
+            z_phi = tr._step(z, s0, s1, cond, 1.0, student=True)
         w = tr.weights[j]
         if student_turn:
             if cfg.uses_relative:
@@ -55,7 +41,7 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
         if cfg.uses_gan:
             t, n = draws.t_adv[j:j + 1], noise[j:j + 1]
             if student_turn:
-                f = _features(tr, z_phi, t, s1, n, cond)
+                f = tr._backbone(z_phi, t, s1, n, cond)
                 g = torch.zeros((), device=tr.device)
                 if cfg.uses_relative:
                     g = g + losses.hinge_generator(d.relative(f))
@@ -64,9 +50,9 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
                 loss = loss + cfg.adversarial_weight * g
             else:
                 with torch.no_grad():
-                    fake = _features(tr, z_phi.detach(), t, s1, n, cond)
-                    real_rel = _features(tr, z_hat, t, s1, n, cond) if cfg.uses_relative else None
-                    real_abs = _features(tr, z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
+                    fake = tr._backbone(z_phi.detach(), t, s1, n, cond)
+                    real_rel = tr._backbone(z_hat, t, s1, n, cond) if cfg.uses_relative else None
+                    real_abs = tr._backbone(z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
                 if cfg.uses_relative:
                     loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel))
                 if cfg.uses_absolute:

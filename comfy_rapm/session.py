@@ -23,6 +23,16 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
     return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
+def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
+                     on_step: Callable[[], None] | None = None) -> tuple[dict, dict]:
+    """One shard of a trajectory set: the teacher's positions plus the conditioning exactly as the
+    teacher saw it, as (tensors, metadata) for trajectories.generate."""
+    positions = teacher_positions(model, positive, negative, noise, slots, cfg, on_step)
+    pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
+    neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
+    return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
+
+
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
                  gradient_checkpointing: bool = False):

@@ -24,10 +24,7 @@ def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps
         positive = host.stack_conditioning([conds[names.index(p)] for p in batch_prompts])
         neg = host.stack_conditioning([negative] * len(seeds))
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
-        positions = session.teacher_positions(model, positive, neg, noise, slots, cfg)
-        pt, pe = trajectories.conditioning_tensors(positive, "positive")
-        nt, ne = trajectories.conditioning_tensors(neg, "negative")
-        return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}
+        return session.trajectory_shard(model, positive, neg, noise, slots, cfg)
 
     with torch.inference_mode():
         trajectories.generate(store, run_batch)

@@ -61,6 +61,11 @@ def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
             pytest.fail("server did not answer in 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:])
         assert "RAPMSampler" in info
         assert info["RAPMSampler"]["input"]["required"]["steps"][1]["default"] == 4
+        # the pack's workflows/ folder is served as its templates in the template browser
+        templates = _get(f"{base}/workflow_templates")
+        assert sorted(templates.get("comfy-rapm", [])) == ["rapm_demo", "rapm_sd15", "rapm_sdxl"]
+        with urllib.request.urlopen(f"{base}/api/workflow_templates/comfy-rapm/rapm_sd15.json", timeout=5) as r:
+            assert any(n["type"] == "RAPMTrain" for n in json.loads(r.read())["nodes"])
 
         prompt = {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},

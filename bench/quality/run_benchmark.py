@@ -68,10 +68,7 @@ def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, s
         positive = T.conditioning(data["hidden"][idx], data["attention_mask"][idx])
         neg = [[negative[0][0].repeat(len(seeds), 1, 1), {}]]
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
-        positions = session.teacher_positions(mp, positive, neg, noise, slots, cfg)
-        pt, pe = trajectories.conditioning_tensors(positive, "positive")
-        nt, ne = trajectories.conditioning_tensors(neg, "negative")
-        return dict(positions=positions, **pt, **nt), {"positive_extra": pe, "negative_extra": ne}
+        return session.trajectory_shard(mp, positive, neg, noise, slots, cfg)
 
     with torch.inference_mode():
         trajectories.generate(store, run_batch)
