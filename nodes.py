@@ -368,12 +368,41 @@ class RAPMSaveLoRA:
         return {"ui": {"text": [relative]}, "result": (relative,)}
 
 
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+
+
+class RAPMEmojiDemoLoader:
+    """The built-in demo teacher: a small text-to-emoji model trained by this project's quality
+    benchmark (32×32 RGB pixels, MiniLM text), with its text encoder and a pixel 'VAE'."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "training/RAPM"
+    DESCRIPTION = ("A 7M-parameter emoji teacher (32×32 pixels). Prompts like 'grinning face, twitter style' "
+                   "(styles: twitter, google, fluent 3d). Its latent is the image: use 256×256 in Empty Latent Image "
+                   "(32×32 after the usual ÷8) or 32×32 in Teacher Trajectories.")
+
+    def load(self):
+        from .comfy_rapm import emoji
+        info = storage.read_json(os.path.join(DEMO_DIR, "rapm_emoji_teacher.json"))
+        weights = os.path.join(DEMO_DIR, info["weights"])
+        if storage.sha256_file(weights) != info["sha256"]:
+            raise NodeInputError("RAPMEmojiDemoLoader", "(built-in)", f"{weights} does not match its checksum; restore it with git")
+        model = host.pixel_unet_model(info["unet_config"], storage.read_safetensors(weights))
+        return (model, emoji.MiniLMText(), emoji.PixelImages())
+
+
 NODE_CLASS_MAPPINGS = {
     "RAPMSampler": RAPMSampler,
     "RAPMTeacherTrajectory": RAPMTeacherTrajectory,
     "RAPMLoadTrajectories": RAPMLoadTrajectories,
     "RAPMTrain": RAPMTrain,
     "RAPMSaveLoRA": RAPMSaveLoRA,
+    "RAPMEmojiDemoLoader": RAPMEmojiDemoLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RAPMSampler": "RAPM Sampler",
@@ -381,4 +410,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RAPMLoadTrajectories": "Load Trajectories (RAPM)",
     "RAPMTrain": "RAPM Train",
     "RAPMSaveLoRA": "LoRA Save (RAPM)",
+    "RAPMEmojiDemoLoader": "Emoji Demo Teacher (RAPM)",
 }

@@ -405,3 +405,48 @@ def set_compute_dtype(model, dtype: torch.dtype) -> None:
 
 def interrupted_types() -> tuple[type, ...]:
     return (comfy.model_management.InterruptProcessingException, KeyboardInterrupt)
+
+
+# --- the demo's pixel-space model --------------------------------------------------------
+
+_PIXEL_FORMAT = {}
+
+
+def _pixel_latent_format():
+    """RGB pixels in [-1, 1] as the 'latent': 3 channels, scale 1, no downscale."""
+    if not _PIXEL_FORMAT:
+        import comfy.latent_formats
+
+        class PixelRGB(comfy.latent_formats.LatentFormat):
+            latent_channels = 3
+            latent_dimensions = 2
+            scale_factor = 1.0
+            spacial_downscale_ratio = 1
+            latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+            def process_in(self, latent):
+                return latent
+
+            def process_out(self, latent):
+                return latent
+        _PIXEL_FORMAT["class"] = PixelRGB
+    return _PIXEL_FORMAT["class"]
+
+
+def pixel_unet_model(unet_config: dict, state_dict: dict):
+    """A ModelPatcher around an SD1.5-style EPS UNet that works in pixel space (the demo's
+    emoji teacher): ComfyUI's own UNet class and SD discrete schedule, strict weight load."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(dict(unet_config))
+    config.unet_config["num_heads"] = unet_config.get("num_heads", -1)
+    config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
+    config.latent_format = _pixel_latent_format()()
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode(False):
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+        model.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())

@@ -1,6 +1,6 @@
 """`make demo`: the whole RAPM pipeline (trajectories → training → LoRA file → teacher-vs-student
 images) from workflows/rapm_demo.json, run headless through ComfyUI's own executor on the built-in
-demo checkpoint (tiny, random weights, written here on first use). Outputs go to out/demo/."""
+emoji teacher (demo/rapm_emoji_teacher.safetensors). Outputs go to out/demo/."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEMO_CHECKPOINT = "rapm_demo_sd15.safetensors"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "out" / "demo"), help="where models and outputs go (default out/demo)")
@@ -24,16 +21,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     models, output = out / "models", out / "output"
     (models / "loras").mkdir(parents=True, exist_ok=True)
-    ckpt = models / "checkpoints" / DEMO_CHECKPOINT
     t0 = time.time()
     from headless import run
-    if not ckpt.exists():
-        from headless.comfy_host import boot
-        boot(output_directory=str(output))
-        from headless import tiny_models
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tiny_models.make_sd15_checkpoint(str(ckpt), seed=0)
-        print(f"[demo] wrote the built-in demo checkpoint {ckpt}")
     argv_run = [args.workflow, "--models", str(models), "--output-directory", str(output)]
     for s in args.sets:
         argv_run += ["--set", s]

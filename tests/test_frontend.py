@@ -293,11 +293,11 @@ def test_workflows_load_in_the_real_front_end(page, tmp_path):
 
 
 def test_every_rapm_node_type_builds_its_widgets(page):
-    """All five node types, RAPMLoadTrajectories included (no workflow has one), as the front end builds
+    """All six node types, RAPMLoadTrajectories included (no workflow has one), as the front end builds
     them from /object_info: registered, with the INPUT_TYPES widgets in order."""
     classes = boot(cpu=True).NODE_CLASS_MAPPINGS
     rapm = sorted(name for name in classes if name.startswith("RAPM"))
-    assert len(rapm) == 5, rapm
+    assert len(rapm) == 6, rapm
     built = page.evaluate("""(types) => Object.fromEntries(types.map(t => {
         const n = LiteGraph.createNode(t);
         return [t, n && n.constructor === LiteGraph.registered_node_types[t] ? (n.widgets || []).map(w => w.name) : null];

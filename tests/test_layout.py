@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage",
+CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
         "progress", "errors"]
 
 
@@ -33,5 +33,6 @@ def test_only_the_host_module_touches_comfy_internals():
 
 
 def test_all_nodes_are_registered(host):
-    for name in ("RAPMSampler", "RAPMTeacherTrajectory", "RAPMLoadTrajectories", "RAPMTrain", "RAPMSaveLoRA"):
+    for name in ("RAPMSampler", "RAPMTeacherTrajectory", "RAPMLoadTrajectories", "RAPMTrain", "RAPMSaveLoRA",
+                 "RAPMEmojiDemoLoader"):
         assert name in host.NODE_CLASS_MAPPINGS and name in host.NODE_DISPLAY_NAME_MAPPINGS
