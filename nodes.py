@@ -269,9 +269,10 @@ class RAPMTrain:
             raise NodeInputError(node, "name", str(e)) from None
 
         try:
-            sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
+            host.training_dtype(model, precision)
         except ValueError as e:
             raise NodeInputError(node, "precision", str(e)) from None
+        sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
         bar = host.Progress(iterations, unique_id)
 
         def fit(tr):

@@ -60,10 +60,11 @@ class Denoiser:
     `prepare(positive, negative)` (or None for the conditioning the context was opened with).
     Conditioning rows are repeated to the batch if the conditioning has batch 1."""
 
-    def __init__(self, guider, model_options, seed):
+    def __init__(self, guider, model_options, seed, latent_shape):
         self._guider = guider
         self._model_options = model_options
         self._seed = seed
+        self._latent_shape = tuple(latent_shape)
         self.default_conds = guider.conds
         self.model_sampling = guider.inner_model.model_sampling
         self.device = guider.model_patcher.load_device
@@ -99,8 +100,7 @@ class _CallbackSampler(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        denoiser = Denoiser(model_wrap, extra_args.get("model_options", {}), extra_args.get("seed"))
-        denoiser._latent_shape = self.latent_shape
+        denoiser = Denoiser(model_wrap, extra_args.get("model_options", {}), extra_args.get("seed"), self.latent_shape)
         self.result = self.fn(denoiser)
         return noise
 
@@ -248,12 +248,8 @@ def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
     return patched
 
 
-def load_models(models: list) -> None:
-    comfy.model_management.load_models_gpu(models)
 
 
-def device_for(model) -> torch.device:
-    return model.load_device
 
 
 # --- progress and cancel ------------------------------------------------------------------
@@ -288,16 +284,12 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def interrupt_exception() -> type:
-    return comfy.model_management.InterruptProcessingException
 
 
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, comfy.model_management.OOM_EXCEPTION)
 
 
-def soft_empty_cache() -> None:
-    comfy.model_management.soft_empty_cache()
 
 
 # --- training support ---------------------------------------------------------------------

@@ -99,11 +99,6 @@ class LoRA(nn.Module):
             out[f"{name}.alpha"] = torch.tensor(layer.alpha)
         return out
 
-    def load_comfy_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, layer in zip(self.names, self.layers):
-                layer.up.copy_(state[f"{name}.lora_up.weight"])
-                layer.down.copy_(state[f"{name}.lora_down.weight"])
 
 
 def kohya_state_dict(comfy_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,3 +92,18 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
         candidate = folder / f"{stem}_{counter:05d}{suffix}"
         counter += 1
     return candidate
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """'key: old → new; …' for what differs between two JSON-like dicts (nested dicts recursed)."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs.append(f"{key} ({describe_difference(a, b)})")
+            elif isinstance(a, list) and len(str(a)) > 80:
+                diffs.append(f"{key} (a different list of {len(a)} vs {len(b) if isinstance(b, list) else b})")
+            else:
+                diffs.append(f"{key}: {a!r} → {b!r}")
+    return "; ".join(diffs)

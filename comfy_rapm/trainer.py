@@ -351,9 +351,8 @@ class Run:
         if path.exists():
             old = storage.read_json(path)
             if old.get("identity") != self.identity:
-                from .trajectories import _describe_difference
                 raise ValueError(f"a training run named '{self.folder.name}' exists with other settings "
-                                 f"({_describe_difference(old.get('identity', {}), self.identity)}). Use another name to "
+                                 f"({storage.describe_difference(old.get('identity', {}), self.identity)}). Use another name to "
                                  f"start a new run, or delete {self.folder} to start this one over.")
         else:
             storage.write_json(path, {"identity": self.identity, "version": CHECKPOINT_VERSION})

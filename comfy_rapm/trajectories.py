@@ -80,18 +80,6 @@ def generate_positions(denoise: solver.Denoiser, model_sampling, noise: torch.Te
     return torch.stack(positions, dim=1)
 
 
-def _describe_difference(old: dict, new: dict) -> str:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                diffs.append(f"{key} ({_describe_difference(a, b)})")
-            elif isinstance(a, list) and len(str(a)) > 80:
-                diffs.append(f"{key} (a different list of {len(a)} vs {len(b) if isinstance(b, list) else b})")
-            else:
-                diffs.append(f"{key}: {a!r} → {b!r}")
-    return "; ".join(diffs)
 
 
 @dataclass
@@ -117,10 +105,11 @@ class Store:
         path = folder / "manifest.json"
         if path.exists():
             manifest = storage.read_json(path)
-            if manifest.get("inputs") != json.loads(json.dumps(spec.inputs())):
+            inputs = json.loads(json.dumps(spec.inputs()))  # as JSON would give them back (tuples → lists)
+            if manifest.get("inputs") != inputs:
                 raise ValueError(
                     f"a trajectory set named '{folder.name}' already exists with different inputs "
-                    f"({_describe_difference(manifest.get('inputs', {}), json.loads(json.dumps(spec.inputs())))}). "
+                    f"({storage.describe_difference(manifest.get('inputs', {}), inputs)}). "
                     f"Choose another name, or delete {folder} to recompute it.")
             done = {s["file"]: s for s in manifest["shards"]}
             manifest["shards"] = [s for s in done.values()
