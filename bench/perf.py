@@ -112,7 +112,7 @@ def reset_peak():
 
 def measure_trajectories(patcher, kind, batch, steps, fine_steps):
     """Teacher trajectories through session.teacher_positions (the node's code), timed per batch."""
-    from comfy_rapm import host, schedule, session
+    from comfy_rapm import schedule, session
     latent = RESOLUTION[kind] // 8
     slots = schedule.slot_timesteps(steps, fine_steps)
     pos, neg = conditioning(kind, batch, 1), conditioning(kind, batch, 2)

@@ -404,7 +404,7 @@ def interrupted_types() -> tuple[type, ...]:
 _PIXEL_FORMAT = {}
 
 
-def _pixel_latent_format():
+def pixel_latent_format():
     """RGB pixels in [-1, 1] as the 'latent': 3 channels, scale 1, no downscale."""
     if not _PIXEL_FORMAT:
         import comfy.latent_formats
@@ -434,7 +434,7 @@ def pixel_unet_model(unet_config: dict, state_dict: dict):
     config = comfy.supported_models.SD15(dict(unet_config))
     config.unet_config["num_heads"] = unet_config.get("num_heads", -1)
     config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
-    config.latent_format = _pixel_latent_format()()
+    config.latent_format = pixel_latent_format()()
     config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode(False):
         model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")

@@ -1,6 +1,4 @@
 """Test helpers: trajectory sets from tiny in-memory teachers, made through the product's own code."""
-import os
-
 import torch
 
 from headless import tiny_models

@@ -18,16 +18,12 @@ Chromium comes from scripts/setup.sh (Debian `chromium`); RAPM_CHROMIUM override
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from headless.comfy_host import boot, find_comfyui
+from comfy_server import running_server
+from headless.comfy_host import boot
 
 pytestmark = pytest.mark.frontend
 
@@ -52,11 +48,6 @@ def _chromium():
     pytest.fail("Chromium not found: run scripts/setup.sh as root (it installs Debian's `chromium`), "
                 "or `apt-get install chromium`, or set RAPM_CHROMIUM to a Chromium/Chrome binary")
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expected_widgets(cls):
@@ -89,35 +80,9 @@ def server(tmp_path_factory):
     user = base_dir / "user"
     (user / "default").mkdir(parents=True)
     (user / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
-    port = _free_port()
-    log_path = base_dir / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--output-directory", str(base_dir / "output"), "--input-directory", str(base_dir / "input"),
-         "--user-directory", str(user), "--disable-auto-launch", "--disable-api-nodes"],
-        cwd=find_comfyui(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail("server exited:\n" + log_path.read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{url}/object_info/RAPMSampler", timeout=5) as r:
-                    if "RAPMSampler" in json.loads(r.read()):
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer in 120 s:\n" + log_path.read_text()[-3000:])
+    with running_server(base_dir, "--output-directory", str(base_dir / "output"), "--input-directory",
+                        str(base_dir / "input"), "--user-directory", str(user), "--disable-api-nodes") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

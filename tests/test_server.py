@@ -1,30 +1,14 @@
 """The real ComfyUI server (main.py --cpu) serves the pack's nodes and runs RAPMSampler over HTTP."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from comfy_server import get_json as _get, running_server
 from headless import tiny_models
-from headless.comfy_host import find_comfyui
 
 pytestmark = pytest.mark.server
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=5):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def _post(url, payload):
@@ -34,31 +18,14 @@ def _post(url, payload):
 
 
 def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
-    comfy = find_comfyui()
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
     tiny_models.make_sd15_checkpoint(str(models / "checkpoints" / "tiny.safetensors"))
     paths = tmp_path / "extra_model_paths.yaml"
     paths.write_text(f"test:\n  base_path: {models}\n  checkpoints: checkpoints\n")
     out = tmp_path / "output"
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--output-directory", str(out), "--extra-model-paths-config", str(paths), "--disable-auto-launch"],
-        cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail("server exited:\n" + (tmp_path / "server.log").read_text()[-3000:])
-            try:
-                info = _get(f"{base}/object_info/RAPMSampler")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer in 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:])
+    with running_server(tmp_path, "--output-directory", str(out), "--extra-model-paths-config", str(paths)) as base:
+        info = _get(f"{base}/object_info/RAPMSampler")
         assert "RAPMSampler" in info
         assert info["RAPMSampler"]["input"]["required"]["steps"][1]["default"] == 4
         # the pack's workflows/ folder is served as its templates in the template browser
@@ -89,10 +56,3 @@ def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
             pytest.fail("prompt did not finish:\n" + (tmp_path / "server.log").read_text()[-3000:])
         images = history[prompt_id]["outputs"]["7"]["images"]
         assert images and (out / images[0]["subfolder"] / images[0]["filename"]).is_file()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -1,5 +1,4 @@
 """RAPMTrain: the semantics of Alg. 2, checkpoints and resume, on tiny models on the real host."""
-import json
 import os
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import losses, schedule, session, solver, trainer
+from comfy_rapm import session, trainer
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ for p in (str(HERE), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REFERENCE = "teacher 100-step DDIM"  # N×M steps: the trajectories' own accuracy
@@ -262,7 +261,7 @@ def goals(report) -> dict:
 
 
 def markdown(report) -> str:
-    lines = [f"# Quality: RAPM on a text-to-emoji teacher", "",
+    lines = ["# Quality: RAPM on a text-to-emoji teacher", "",
              f"Card: {report['card']}, torch {report['torch']}, {report['date']}.  ",
              f"Command: `{report['command']}`  ",
              f"Features: {report['features']}. Teacher: {report['teacher']['parameters'] / 1e6:.2f}M parameters.", "",

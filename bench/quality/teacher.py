@@ -85,31 +85,12 @@ def comfy_init(cpu: bool | None = None, comfyui: str | None = None) -> None:
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
 
 
-_CLASSES: dict = {}
-
-
 def pixel_latent_format():
-    """The LatentFormat class of the teacher: RGB pixels in [-1, 1], 3 channels, scale 1."""
-    if "PixelRGB" not in _CLASSES:
-        comfy_init()
-        import comfy.latent_formats
-
-        class PixelRGB(comfy.latent_formats.LatentFormat):
-            latent_channels = 3
-            latent_dimensions = 2
-            scale_factor = 1.0
-            spacial_downscale_ratio = 1
-            # Live previews: the latent is the image.
-            latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-
-            def process_in(self, latent):
-                return latent
-
-            def process_out(self, latent):
-                return latent
-
-        _CLASSES["PixelRGB"] = PixelRGB
-    return _CLASSES["PixelRGB"]
+    """The LatentFormat class of the teacher: RGB pixels in [-1, 1], 3 channels, scale 1 (the same
+    class the demo's built-in teacher uses, from comfy_rapm.host)."""
+    comfy_init()
+    from comfy_rapm import host
+    return host.pixel_latent_format()
 
 
 def full_config(config: dict | None = None) -> dict:
