@@ -299,14 +299,15 @@ class _FeaturesCaptured(Exception):
 
 
 def feature_layers(model, include_up: bool) -> list[torch.nn.Module]:
-    """The discriminator backbone's taps: the end of every resolution level of the UNet's down
-    path, the middle block, and (if include_up) the end of every level of the up path."""
+    """The discriminator backbone's taps, where PCM's discriminator reads diffusers' UNet: the output
+    of every down block (after its downsampler; the last level has none), the middle block, and (if
+    include_up) the output of every up block (after its upsampler)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
     unet = model.model.diffusion_model
     if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         raise ValueError(f"the discriminator needs a UNet backbone; {type(unet).__name__} is not supported yet")
     inputs, outputs = list(unet.input_blocks), list(unet.output_blocks)
-    layers = [b[-1] for i, b in enumerate(inputs) if i > 0 and (i == len(inputs) - 1 or isinstance(inputs[i + 1][0], Downsample))]
+    layers = [b[-1] for i, b in enumerate(inputs) if i > 0 and (isinstance(b[0], Downsample) or i == len(inputs) - 1)]
     if unet.middle_block is not None:
         layers.append(unet.middle_block[-1])
     if include_up:
