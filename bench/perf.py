@@ -198,12 +198,9 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
 
 def check_equivalence(patcher, tset, kind, rank):
     """Product vs reference on the same draws: loss and gradients, bf16."""
-    from bench.reference_rapm import reference_backward
+    from bench.reference_rapm import compare_with_product
     from comfy_rapm import session
     sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision="auto")
-
-    def grads(params):
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
 
     def check(tr):
         with torch.no_grad():
@@ -211,16 +208,10 @@ def check_equivalence(patcher, tset, kind, rank):
                 layer.up.normal_(std=1e-3)
         out = {}
         for student_turn in (True, False):
-            draws = tr.draw()
-            params = list(tr.lora.parameters()) if student_turn else list(tr.discriminators.parameters())
-            product = tr.backward(draws, student_turn)
-            gp = grads(params)
-            reference = reference_backward(tr, draws, student_turn)
-            gr = grads(params)
-            value = product["loss"] if student_turn else product["discriminator"]
+            c = compare_with_product(tr, student_turn)
             out["student" if student_turn else "discriminator"] = {
-                "loss_rel_diff": abs(value - reference["loss"]) / abs(reference["loss"]),
-                "grad_rel_diff": float((gp - gr).norm() / gr.norm())}
+                "loss_rel_diff": abs(c["product_loss"] - c["reference_loss"]) / abs(c["reference_loss"]),
+                "grad_rel_diff": c["grad_rel_diff"]}
         return out
     try:
         return sess.run(check)

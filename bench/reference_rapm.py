@@ -63,3 +63,20 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
     if d is not None:
         d.requires_grad_(True)
     return {"loss": loss.item()}
+
+
+def compare_with_product(tr, student_turn: bool) -> dict:
+    """One iteration's losses and gradients from the product (tr.backward) and from the reference on the
+    same random draws: {"product_loss", "reference_loss", "reference_grad_norm", "grad_rel_diff"}."""
+    draws = tr.draw()
+    params = list(tr.lora.parameters()) if student_turn else list(tr.discriminators.parameters())
+
+    def grads():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+    product = tr.backward(draws, student_turn)
+    g_product = grads()
+    reference = reference_backward(tr, draws, student_turn)
+    g_reference = grads()
+    return {"product_loss": product["loss"] if student_turn else product["discriminator"],
+            "reference_loss": reference["loss"], "reference_grad_norm": float(g_reference.norm()),
+            "grad_rel_diff": float((g_product - g_reference).norm() / g_reference.norm())}

@@ -40,3 +40,19 @@ def host(tmp_path_factory):
     paths, extensions = folder_paths.folder_names_and_paths["loras"]
     folder_paths.folder_names_and_paths["loras"] = ([str(loras)] + list(paths), extensions)
     return nodes
+
+
+@pytest.fixture(scope="session")
+def quality_mini(tmp_path_factory):
+    """bench/quality/prepare_data.py --limit 8 (8 concepts × 3 styles), built once per session. It fetches
+    the emoji sets with `npm pack`, so it needs npm and the registry."""
+    import shutil
+    import subprocess
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not on PATH: prepare_data.py fetches the emoji sets with `npm pack`")
+    out = tmp_path_factory.mktemp("quality_mini")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "quality" / "prepare_data.py"), "--out", str(out),
+                          "--limit", "8"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out

@@ -3,12 +3,8 @@ emoji packages, so it needs `npm` and registry access; select with `-m quality`.
 import hashlib
 import importlib.util
 import json
-import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ pytestmark = pytest.mark.quality
 
 ROOT = Path(__file__).resolve().parent.parent
 QDIR = ROOT / "bench" / "quality"
-LIMIT = 8
+LIMIT = 8  # the quality_mini fixture (tests/conftest.py) is built with --limit 8
 
 
 def _load(name: str, path: Path):
@@ -29,16 +25,8 @@ def _load(name: str, path: Path):
 
 
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not on PATH: prepare_data.py fetches the emoji sets with `npm pack`")
-    out = tmp_path_factory.mktemp("quality_mini")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    res = subprocess.run(
-        [sys.executable, str(QDIR / "prepare_data.py"), "--out", str(out), "--limit", str(LIMIT)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def mini(quality_mini):
+    out = quality_mini
     ds = _load("quality_dataset", QDIR / "dataset.py")
     data = ds.load_dataset(out)
     return {
