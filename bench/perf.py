@@ -196,6 +196,57 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     return result
 
 
+def profile_training(patcher, tset, kind, warmup, rank, out_path=None):
+    """torch.profiler over one discriminator and one student iteration of the default variant: the
+    GPU's busy time vs the wall time, the top CUDA kernels and the time per labelled model call."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from comfy_rapm import session
+    sess = session.Session(patcher, tset, make_config(kind, warmup + 2, False, rank), precision="auto")
+
+    def labelled(name, fn):
+        def call(*args, **kwargs):
+            grad = "grad" if torch.is_grad_enabled() else "nograd"
+            lora = "student" if sess.lora.enabled else "teacher"
+            with record_function(f"rapm/{name}/{lora}/{grad}/b{args[0].shape[0]}"):
+                return fn(*args, **kwargs)
+        return call
+
+    def run(tr):
+        tr.model = labelled("unet", tr.model)
+        tr.features = labelled("backbone", tr.features)
+        for _ in range(warmup):
+            tr.run_iteration()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(2):
+                with record_function("rapm/iteration"):
+                    tr.run_iteration()
+            sync()
+            wall = time.perf_counter() - t0
+        return prof, wall
+    prof, wall = sess.run(run)
+    events = prof.key_averages()
+    device_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    kernels = sum(device_time(e) for e in events) / 1e6
+    lines = [f"[{kind}] profile of 2 iterations (D + student): wall {wall:.3f} s, GPU kernels {kernels:.3f} s "
+             f"({100 * kernels / wall:.0f}% busy), {sum(e.count for e in events if device_time(e) > 0)} kernel launches"]
+    labels = [e for e in events if e.key.startswith("rapm/")]
+    lines.append(f"{'call':45} {'count':>5} {'CPU ms':>9} {'GPU ms':>9}")
+    for e in sorted(labels, key=lambda e: -e.cpu_time_total):
+        gpu = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+        lines.append(f"{e.key:45} {e.count:5d} {e.cpu_time_total / 1e3:9.1f} {gpu / 1e3:9.1f}")
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    lines.append(events.table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out_path:
+        Path(out_path).write_text(text + "\n")
+    del sess
+    return {"wall_seconds_2_iterations": wall, "gpu_kernel_seconds": kernels}
+
+
 def check_equivalence(patcher, tset, kind, rank):
     """Product vs reference on the same draws: loss and gradients, bf16."""
     from bench.reference_rapm import compare_with_product
@@ -232,6 +283,7 @@ def main(argv=None):
     p.add_argument("--traj-fine-steps", type=int, default=25)
     p.add_argument("--skip-trajectories", action="store_true")
     p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--comfyui", default=None)
     p.add_argument("--out", default=None)
@@ -259,6 +311,9 @@ def main(argv=None):
             if not args.skip_equivalence:
                 entry["equivalence_bf16"] = check_equivalence(patcher, tset, kind, args.rank)
                 print(f"[{kind}] equivalence {entry['equivalence_bf16']}", flush=True)
+            if args.profile:
+                entry["profile"] = profile_training(patcher, tset, kind, args.warmup, args.rank,
+                                                    args.profile.replace("{model}", kind))
             entry["training"] = {}
             for variant in args.variants.split(","):
                 r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)

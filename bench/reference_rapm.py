@@ -35,18 +35,18 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
         w = tr.weights[j]
         if student_turn:
             if cfg.uses_relative:
-                loss = loss + losses.pseudo_huber(z_phi[0], z_hat[0], cfg.huber_c)
+                loss = loss + losses.pseudo_huber(z_phi, z_hat, cfg.huber_c).sum()
             if cfg.uses_absolute:
-                loss = loss + w * losses.pseudo_huber(z_phi[0], z_tilde[0], cfg.huber_c)
+                loss = loss + w * losses.pseudo_huber(z_phi, z_tilde, cfg.huber_c).sum()
         if cfg.uses_gan:
             t, n = draws.t_adv[j:j + 1], noise[j:j + 1]
             if student_turn:
                 f = tr._backbone(z_phi, t, s1, n, cond)
                 g = torch.zeros((), device=tr.device)
                 if cfg.uses_relative:
-                    g = g + losses.hinge_generator(d.relative(f))
+                    g = g + losses.hinge_generator(d.relative(f)).sum()
                 if cfg.uses_absolute:
-                    g = g + w * losses.hinge_generator(d.absolute(f))
+                    g = g + w * losses.hinge_generator(d.absolute(f)).sum()
                 loss = loss + cfg.adversarial_weight * g
             else:
                 with torch.no_grad():
@@ -54,9 +54,9 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
                     real_rel = tr._backbone(z_hat, t, s1, n, cond) if cfg.uses_relative else None
                     real_abs = tr._backbone(z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
                 if cfg.uses_relative:
-                    loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel))
+                    loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel)).sum()
                 if cfg.uses_absolute:
-                    loss = loss + w * losses.hinge_discriminator(d.absolute(fake), d.absolute(real_abs))
+                    loss = loss + w * losses.hinge_discriminator(d.absolute(fake), d.absolute(real_abs)).sum()
         z = z_phi.detach()                                                   # 2nd detach
     loss.backward()
     tr.lora.set_enabled(True)

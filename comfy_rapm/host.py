@@ -6,6 +6,7 @@ conversion, weight functions for adapters, stock LoRA application, progress and 
 Imported only inside a ComfyUI process."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -222,24 +223,55 @@ def weight_modules(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 
 def _frozen_copy(tensor: torch.Tensor) -> torch.Tensor:
-    # ComfyUI copies a weight before its weight functions run, so the loader's inference tensors
-    # never enter the autograd graph; detaching keeps base weights from ever receiving gradients.
+    # The loader's weights are inference tensors, which autograd cannot save: ComfyUI copies a weight
+    # before its weight functions run, and detaching keeps base weights from ever receiving gradients.
     return tensor.detach()
 
 
-def with_weight_functions(model, functions: dict[str, Callable]):
-    """A clone of `model` whose listed module weights pass through functions[name] (adapters),
-    and whose every other weight and bias is cast through a copy, so gradients can flow through
-    the frozen network to its inputs. The cached model other nodes hold is left untouched."""
+def trainable_clone(model, compute_dtype: torch.dtype):
+    """A clone of `model` computing in `compute_dtype` through which gradients can flow to its
+    inputs. Weights stored in another dtype are cast to a fresh (trainable-safe) tensor on every
+    use anyway; the others go through a frozen copy. The cached model other nodes hold is untouched."""
     patched = model.clone()
+    if compute_dtype != model.model.get_dtype():
+        patched.set_model_compute_dtype(compute_dtype)
     for name, module in model.model.named_modules():
         if not hasattr(module, "weight_function"):
             continue
-        if getattr(module, "weight", None) is not None:
-            patched.add_weight_wrapper(f"{name}.weight", functions.get(name, _frozen_copy))
-        if getattr(module, "bias", None) is not None:
-            patched.add_weight_wrapper(f"{name}.bias", _frozen_copy)
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            if tensor is not None and tensor.dtype == compute_dtype:
+                patched.add_weight_wrapper(f"{name}.{kind}", _frozen_copy)
     return patched
+
+
+@contextlib.contextmanager
+def lora_attached(model, lora):
+    """While inside: every LoRA target module of `model` adds its layer's output while the LoRA is
+    enabled (forward hooks on the shared modules), and the base parameters do not require grad (the
+    weights cast on use would otherwise pass gradients back to them). Both undone on exit."""
+    modules = dict(model.model.named_modules())
+    handles = []
+    flags = [(p, p.requires_grad) for p in model.model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for name, layer in lora.by_module().items():
+            module = modules[name]
+            if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
+                raise ValueError(f"LoRA target {name} is a grouped or non-zero-padded convolution, not supported")
+
+            def hook(module, args, output, _layer=layer):
+                if lora.enabled:
+                    return output + _layer.output_delta(module, args[0])
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            with torch.inference_mode(p.is_inference()):  # only there may an inference tensor require grad
+                p.requires_grad_(flag)
 
 
 def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
@@ -391,9 +423,16 @@ def training_dtype(model, precision: str) -> torch.dtype | None:
     return torch.float32
 
 
-def set_compute_dtype(model, dtype: torch.dtype) -> None:
-    if dtype != torch.float32:
-        model.set_model_compute_dtype(dtype)
+@contextlib.contextmanager
+def autotuned_convolutions():
+    """cuDNN picks the fastest convolution algorithms for the (fixed) shapes of a long run, as
+    ComfyUI's `--fast autotune` does, restored on exit."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or torch.cuda.is_available()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def interrupted_types() -> tuple[type, ...]:

@@ -2,13 +2,16 @@
 teacher and discriminator-backbone passes (one UNet in memory), saved in keys ComfyUI's stock
 LoRA loaders apply.
 
-A layer is a weight function w ↦ w + (α/r)·up·down, the form ComfyUI casts weights through."""
+A layer runs in bypass form: the target module's output gets (α/r)·up(down(x)) added, which equals
+running the module with W + (α/r)·up·down without materializing that sum in every forward pass, or
+its full-size gradient in every backward pass."""
 from __future__ import annotations
 
 import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # PCM's targets (diffusers names) in ComfyUI's UNet naming: attention q/k/v/out, proj_in/out,
@@ -42,13 +45,17 @@ class LoRALayer(nn.Module):
         self._owner = [owner]  # a list, so the owner is not registered as a submodule
 
     def delta(self) -> torch.Tensor:
+        """ΔW = (α/r)·up·down, the merged form (the weight a LoRA loader adds)."""
         return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape) * (self.alpha / self.rank)
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        weight = weight.detach()  # the base weight is frozen, whatever its requires_grad flag says
-        if not self._owner[0].enabled:
-            return weight
-        return weight + self.delta().to(weight.dtype)
+    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ΔW adds to `module`'s output for input x (a Linear or ConvNd with groups 1)."""
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if down.ndim == 2:
+            return F.linear(F.linear(x, down) * (self.alpha / self.rank), up)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[down.ndim]
+        h = conv(x, down, None, module.stride, module.padding, module.dilation)
+        return conv(h * (self.alpha / self.rank), up)
 
 
 class LoRA(nn.Module):
@@ -66,7 +73,7 @@ class LoRA(nn.Module):
         self.rank, self.alpha = rank, float(alpha)
         self.enabled = True
 
-    def functions(self) -> dict[str, LoRALayer]:
+    def by_module(self) -> dict[str, LoRALayer]:
         return dict(zip(self.names, self.layers))
 
     def set_enabled(self, enabled: bool) -> "LoRA":

@@ -1,20 +1,25 @@
-"""Pseudo-Huber on latents and the hinge GAN losses (PCM's forms)."""
+"""Pseudo-Huber on latents and the hinge GAN losses (PCM's forms), one value per batch item."""
 from __future__ import annotations
 
 import torch
 
 
+def _per_item_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.001) -> torch.Tensor:
-    """mean(sqrt((a-b)² + c²) - c)."""
-    return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+    """mean(sqrt((a-b)² + c²) - c) per item: (B, …) → (B,)."""
+    return _per_item_mean(torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c)
 
 
 def hinge_discriminator(fake_logits: list[torch.Tensor], real_logits: list[torch.Tensor]) -> torch.Tensor:
-    """mean over heads of mean(relu(1 + D(fake))) + mean(relu(1 - D(real)))."""
-    terms = [torch.relu(1 + f.float()).mean() + torch.relu(1 - r.float()).mean() for f, r in zip(fake_logits, real_logits)]
-    return torch.stack(terms).mean()
+    """Per item, the mean over heads of mean(relu(1 + D(fake))) + mean(relu(1 - D(real))): (B,)."""
+    terms = [_per_item_mean(torch.relu(1 + f.float())) + _per_item_mean(torch.relu(1 - r.float()))
+             for f, r in zip(fake_logits, real_logits)]
+    return torch.stack(terms).mean(0)
 
 
 def hinge_generator(fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """mean over heads of mean(relu(1 - D(fake)))."""
-    return torch.stack([torch.relu(1 - f.float()).mean() for f in fake_logits]).mean()
+    """Per item, the mean over heads of mean(relu(1 - D(fake))): (B,)."""
+    return torch.stack([_per_item_mean(torch.relu(1 - f.float())) for f in fake_logits]).mean(0)

@@ -20,7 +20,8 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
     def body(denoiser):
         return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
                                                noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
-    return host.run_with_denoiser(model, positive, negative, noise.shape, body)
+    with host.autotuned_convolutions():
+        return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
 def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
@@ -42,8 +43,8 @@ class Session:
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
-        self.student = host.with_weight_functions(model, self.lora.functions())
-        host.set_compute_dtype(self.student, host.training_dtype(model, precision))
+        self.dtype = host.training_dtype(model, precision)
+        self.student = host.trainable_clone(model, self.dtype)
         self.tap = host.FeatureTap(self.student, include_up=not self.sdxl) if config.uses_gan else None
         self.latent_shape = tuple(self.data[0].positions.shape[1:])
 
@@ -64,12 +65,13 @@ class Session:
                     probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
                 lora.set_enabled(True)
                 discriminators = Discriminators([f.shape[1] for f in probe], kernel=1 if self.sdxl else 3,
-                                                seed=config.seed).to(device)
+                                                seed=config.seed).to(device).set_compute_dtype(self.dtype)
             tr = trainer.Trainer(
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
                 denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                 features, device)
-            with host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
+            with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
+                    host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
                 return fn(tr)
 
         with torch.inference_mode(False):

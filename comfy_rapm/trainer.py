@@ -219,25 +219,27 @@ class Trainer:
         return self._discriminator_backward(outputs, relative, positions[1:], draws.t_adv, noise, cond)
 
     def _discriminator_backward(self, fakes, relative, absolute, t_adv, noise, cond) -> dict:
-        cfg, d = self.config, self.discriminators
+        cfg, d, n = self.config, self.discriminators, self.steps
         reals = [r for r, used in ((relative, cfg.uses_relative), (absolute, cfg.uses_absolute)) if used]
         batch = torch.cat([fakes] + reals)
         repeat = len(reals) + 1
         with torch.no_grad():
             feats = self._backbone(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
         self.disc_opt.zero_grad(set_to_none=True)
+
+        def hinge(heads, part):
+            """Per slot: the hinge loss of one discriminator on fakes (rows 0…n-1) vs reals (block `part`),
+            all slots through the heads at once."""
+            rows = [torch.cat([f[:n], f[part * n:(part + 1) * n]]) for f in feats]
+            logits = heads(rows)
+            return losses.hinge_discriminator([x[:n] for x in logits], [x[n:] for x in logits])
         total = torch.zeros((), device=self.device)
-        n = self.steps
-        for j in range(n):
-            fake_f = [f[j:j + 1] for f in feats]
-            part = 1
-            if cfg.uses_relative:
-                real_f = [f[part * n + j: part * n + j + 1] for f in feats]
-                total = total + losses.hinge_discriminator(d.relative(fake_f), d.relative(real_f))
-                part += 1
-            if cfg.uses_absolute:
-                real_f = [f[part * n + j: part * n + j + 1] for f in feats]
-                total = total + self.weights[j] * losses.hinge_discriminator(d.absolute(fake_f), d.absolute(real_f))
+        part = 1
+        if cfg.uses_relative:
+            total = total + hinge(d.relative, part).sum()
+            part += 1
+        if cfg.uses_absolute:
+            total = total + (self.weights * hinge(d.absolute, part)).sum()
         self._check_finite(total, "discriminator")
         total.backward()
         return {"discriminator": total.item()}
@@ -247,21 +249,18 @@ class Trainer:
         cfg = self.config
         w = self.weights[j]
         huber = torch.zeros((), device=self.device)
-        for i in range(z_phi.shape[0]):
-            if cfg.uses_relative:
-                huber = huber + losses.pseudo_huber(z_phi[i], relative[j][i], cfg.huber_c)
-            if cfg.uses_absolute:
-                huber = huber + w[i] * losses.pseudo_huber(z_phi[i], absolute[j][i], cfg.huber_c)
+        if cfg.uses_relative:
+            huber = huber + losses.pseudo_huber(z_phi, relative[j], cfg.huber_c).sum()
+        if cfg.uses_absolute:
+            huber = huber + (w * losses.pseudo_huber(z_phi, absolute[j], cfg.huber_c)).sum()
         generator = torch.zeros((), device=self.device)
         if cfg.uses_gan:
             d = self.discriminators
             feats = self._backbone(z_phi, t_adv[j], self.s_to[j], noise[j], cond)
-            for i in range(z_phi.shape[0]):
-                f = [x[i:i + 1] for x in feats]
-                if cfg.uses_relative:
-                    generator = generator + losses.hinge_generator(d.relative(f))
-                if cfg.uses_absolute:
-                    generator = generator + w[i] * losses.hinge_generator(d.absolute(f))
+            if cfg.uses_relative:
+                generator = generator + losses.hinge_generator(d.relative(feats)).sum()
+            if cfg.uses_absolute:
+                generator = generator + (w * losses.hinge_generator(d.absolute(feats))).sum()
             generator = generator * cfg.adversarial_weight
         return huber, generator
 
