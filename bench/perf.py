@@ -172,7 +172,7 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     gc = variant in ("checkpointing", "low_memory+checkpointing")
     reset_peak()
     sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, low_memory, rank), precision="auto",
-                           gradient_checkpointing=gc)
+                           gradient_checkpointing=gc, cuda_graphs=False if variant == "no_cuda_graphs" else None)
     step = reference_iteration if variant == "reference" else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -185,11 +185,15 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         for _ in range(iterations):
             step(tr)
         sync()
-        return (time.perf_counter() - t0) / iterations
+        graphs = sess.graphs
+        return (time.perf_counter() - t0) / iterations, {
+            "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,
+                                                        "failed": graphs.failed}}
     try:
-        seconds = sess.run(fit)
+        seconds, extra = sess.run(fit)
         result = {"seconds_per_iteration": seconds, "peak_gib": peak_gib(), "iterations_timed": iterations,
-                  "warmup": warmup, "lora_rank": rank, "lora_parameters": sum(p.numel() for p in sess.lora.parameters())}
+                  "warmup": warmup, "lora_rank": rank, "lora_parameters": sum(p.numel() for p in sess.lora.parameters()),
+                  **extra}
     except torch.OutOfMemoryError:
         result = {"error": "out of memory", "peak_gib": peak_gib()}
     del sess
@@ -258,6 +262,20 @@ def check_equivalence(patcher, tset, kind, rank):
             for layer in tr.lora.layers:
                 layer.up.normal_(std=1e-3)
         out = {}
+        if sess.graphs is not None:  # the no-grad part of an iteration, replayed from graphs vs eager
+            positions = tr.data.positions[0].to(tr.device, torch.float32)
+            cond = tr.data.conditioning(0)
+            sess.graphs.enabled = False
+            eager = tr.targets(positions, cond)
+            sess.graphs.enabled = True
+            graphed = [tr.targets(positions, cond) for _ in range(2)][-1]  # capture, then replay
+            sess.graphs.enabled = False
+            eager_again = tr.targets(positions, cond)
+            sess.graphs.enabled = True
+            rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+            out["cuda_graphs_vs_eager"] = {"rel_diff": max(rel(g, e) for g, e in zip(graphed, eager_again)),
+                                           "eager_repeat_rel_diff": max(rel(a, e) for a, e in zip(eager, eager_again)),
+                                           "replays": sess.graphs.replays, "failed": sess.graphs.failed}
         for student_turn in (True, False):
             c = compare_with_product(tr, student_turn)
             out["student" if student_turn else "discriminator"] = {
@@ -275,11 +293,11 @@ def check_equivalence(patcher, tset, kind, rank):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
-    p.add_argument("--variants", default="default,low_memory,low_memory+checkpointing,reference")
+    p.add_argument("--variants", default="default,no_cuda_graphs,low_memory,low_memory+checkpointing,reference")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--traj-batch", type=int, default=None, help="default: the node's default batch size")
+    p.add_argument("--traj-batch", default=None, help="batch sizes, comma-separated; default: the node's default")
     p.add_argument("--traj-fine-steps", type=int, default=25)
     p.add_argument("--skip-trajectories", action="store_true")
     p.add_argument("--skip-equivalence", action="store_true")
@@ -292,7 +310,7 @@ def main(argv=None):
     if args.resolution:
         RESOLUTION.update({k: args.resolution for k in RESOLUTION})
     from comfy_rapm import trajectories
-    batch = args.traj_batch or trajectories.DEFAULT_BATCH_SIZE
+    batches = [int(b) for b in args.traj_batch.split(",")] if args.traj_batch else [trajectories.DEFAULT_BATCH_SIZE]
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "card": card, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -304,8 +322,10 @@ def main(argv=None):
         entry.update(unet_parameters=count, unet_dtype=str(dtype), resolution=RESOLUTION[kind], steps=4)
         print(f"[{kind}] built {count / 1e6:.0f}M params {dtype} in {time.perf_counter() - t0:.1f}s", flush=True)
         if not args.skip_trajectories:
-            entry["trajectories"] = measure_trajectories(patcher, kind, batch, 4, args.traj_fine_steps)
-            print(f"[{kind}] trajectories {entry['trajectories']}", flush=True)
+            for batch in batches:
+                key = "trajectories" if batch == batches[0] else f"trajectories_batch_{batch}"
+                entry[key] = measure_trajectories(patcher, kind, batch, 4, args.traj_fine_steps)
+                print(f"[{kind}] trajectories {entry[key]}", flush=True)
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             tset = synthetic_set(os.path.join(tmp, "set"), patcher, kind, count=8, steps=4)
             if not args.skip_equivalence:

@@ -222,40 +222,43 @@ def weight_modules(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return out
 
 
-def _frozen_copy(tensor: torch.Tensor) -> torch.Tensor:
-    # The loader's weights are inference tensors, which autograd cannot save: ComfyUI copies a weight
-    # before its weight functions run, and detaching keeps base weights from ever receiving gradients.
-    return tensor.detach()
-
-
 def trainable_clone(model, compute_dtype: torch.dtype):
-    """A clone of `model` computing in `compute_dtype` through which gradients can flow to its
-    inputs. Weights stored in another dtype are cast to a fresh (trainable-safe) tensor on every
-    use anyway; the others go through a frozen copy. The cached model other nodes hold is untouched."""
+    """A clone of `model` that computes in `compute_dtype`; inside `training_weights` gradients flow
+    through it to its inputs. The cached model other nodes hold is untouched."""
     patched = model.clone()
-    if compute_dtype != model.model.get_dtype():
-        patched.set_model_compute_dtype(compute_dtype)
-    for name, module in model.model.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for kind in ("weight", "bias"):
-            tensor = getattr(module, kind, None)
-            if tensor is not None and tensor.dtype == compute_dtype:
-                patched.add_weight_wrapper(f"{name}.{kind}", _frozen_copy)
+    patched.set_model_compute_dtype(compute_dtype)
     return patched
+
+
+@contextlib.contextmanager
+def training_weights(model, dtype: torch.dtype):
+    """While inside (with `model` loaded): the diffusion model's parameters are frozen ordinary
+    tensors in `dtype`. The loader's weights are inference tensors, which autograd cannot save, and
+    casting them on every use costs a copy per layer per pass and a saved copy per graded pass. The
+    originals wait on the CPU and are put back exactly on exit."""
+    params = [(module, name, p) for module in model.model.diffusion_model.modules()
+              for name, p in module._parameters.items() if p is not None]
+    saved = []
+    try:
+        for module, name, p in params:
+            saved.append((module, name, p.detach().to("cpu", copy=True), p.requires_grad, p.device))
+            with torch.inference_mode(False):
+                module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            del p
+        yield
+    finally:
+        with torch.inference_mode():
+            for module, name, original, flag, device in saved:
+                module._parameters[name] = torch.nn.Parameter(original.to(device, copy=True), requires_grad=flag)
 
 
 @contextlib.contextmanager
 def lora_attached(model, lora):
     """While inside: every LoRA target module of `model` adds its layer's output while the LoRA is
-    enabled (forward hooks on the shared modules), and the base parameters do not require grad (the
-    weights cast on use would otherwise pass gradients back to them). Both undone on exit."""
+    enabled (forward hooks on the shared modules, removed on exit)."""
     modules = dict(model.model.named_modules())
     handles = []
-    flags = [(p, p.requires_grad) for p in model.model.parameters()]
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
         for name, layer in lora.by_module().items():
             module = modules[name]
             if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
@@ -269,9 +272,6 @@ def lora_attached(model, lora):
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in flags:
-            with torch.inference_mode(p.is_inference()):  # only there may an inference tensor require grad
-                p.requires_grad_(flag)
 
 
 def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
@@ -353,6 +353,7 @@ class FeatureTap:
 
     def __init__(self, model, include_up: bool):
         self.layers = feature_layers(model, include_up)
+        self.active = False  # while a tapped pass runs (it stops early: no CUDA graph for it)
 
     def __call__(self, denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, conds) -> list[torch.Tensor]:
         captured = {}
@@ -364,14 +365,38 @@ class FeatureTap:
                 raise _FeaturesCaptured
 
         handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        self.active = True
         try:
             denoiser(x, sigma, conds, cfg=1.0)
         except _FeaturesCaptured:
             pass
         finally:
+            self.active = False
             for h in handles:
                 h.remove()
         return [captured[id(layer)] for layer in self.layers]
+
+
+@contextlib.contextmanager
+def graphed_unet(model, enabled: bool, eligible: Callable[[], bool], state: Callable[[], object]):
+    """While inside: the diffusion model's no-grad passes on CUDA replay CUDA graphs (see
+    cuda_graphs.py); yields the GraphedCalls (None when not enabled)."""
+    from .cuda_graphs import GraphedCalls
+    unet = model.model.diffusion_model
+    if not enabled or not torch.cuda.is_available() or model.load_device.type != "cuda":
+        yield None
+        return
+    own_forward = unet.__dict__.get("forward")
+    graphed = GraphedCalls(unet.forward, eligible, state)
+    unet.forward = graphed
+    try:
+        yield graphed
+    finally:
+        if own_forward is None:
+            del unet.forward
+        else:
+            unet.forward = own_forward
+        graphed.graphs.clear()
 
 
 class gradient_checkpointing:

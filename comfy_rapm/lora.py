@@ -30,8 +30,7 @@ def select_targets(modules: dict[str, tuple], patterns=DEFAULT_TARGETS) -> list[
 
 
 class LoRALayer(nn.Module):
-    def __init__(self, weight_shape: tuple[int, ...], rank: int, alpha: float, owner: "LoRA",
-                 generator: torch.Generator | None = None):
+    def __init__(self, weight_shape: tuple[int, ...], rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         out_features, in_features = weight_shape[0], weight_shape[1]
         kernel = tuple(weight_shape[2:])
@@ -42,20 +41,31 @@ class LoRALayer(nn.Module):
         down.uniform_(-bound, bound, generator=generator)
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(torch.zeros((out_features, rank) + (1,) * len(kernel)))
-        self._owner = [owner]  # a list, so the owner is not registered as a submodule
+        self._cached_key, self._cached = None, None
 
     def delta(self) -> torch.Tensor:
         """ΔW = (α/r)·up·down, the merged form (the weight a LoRA loader adds)."""
         return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape) * (self.alpha / self.rank)
 
+    def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """down and (α/r)·up in the compute dtype; without grad, cached until the parameters change
+        (most passes of an iteration are no-grad; this saves two casts and a scale per layer and pass).
+        A CUDA graph being captured must read the parameters themselves, which the optimizer updates in place."""
+        if torch.is_grad_enabled() or (self.down.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.down.to(dtype), self.up.to(dtype) * (self.alpha / self.rank)
+        key = (dtype, self.down.device, self.down._version, self.up._version)
+        if self._cached_key != key:
+            self._cached = (self.down.detach().to(dtype), self.up.detach().to(dtype) * (self.alpha / self.rank))
+            self._cached_key = key
+        return self._cached
+
     def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What ΔW adds to `module`'s output for input x (a Linear or ConvNd with groups 1)."""
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        down, up = self._factors(x.dtype)
         if down.ndim == 2:
-            return F.linear(F.linear(x, down) * (self.alpha / self.rank), up)
+            return F.linear(F.linear(x, down), up)
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[down.ndim]
-        h = conv(x, down, None, module.stride, module.padding, module.dilation)
-        return conv(h * (self.alpha / self.rank), up)
+        return conv(conv(x, down, None, module.stride, module.padding, module.dilation), up)
 
 
 class LoRA(nn.Module):
@@ -69,7 +79,7 @@ class LoRA(nn.Module):
             raise ValueError("no LoRA target layers found in this model")
         g = torch.Generator().manual_seed(seed)
         self.names = names
-        self.layers = nn.ModuleList(LoRALayer(modules[n][0], rank, alpha, self, g) for n in names)
+        self.layers = nn.ModuleList(LoRALayer(modules[n][0], rank, alpha, g) for n in names)
         self.rank, self.alpha = rank, float(alpha)
         self.enabled = True
 

@@ -36,9 +36,12 @@ def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list
 
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, cuda_graphs: bool | None = None):
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
+        # Graphs keep one pass's activations per batch shape: off in low-memory mode.
+        self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
+        self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
@@ -53,6 +56,10 @@ class Session:
         data, tap, lora, config = self.data, self.tap, self.lora, self.config
 
         def body(denoiser):
+            with host.training_weights(self.student, self.dtype):
+                return build_and_run(denoiser)
+
+        def build_and_run(denoiser):
             device = denoiser.device
             lora.to(device)
             conditioning = lambda i: denoiser.prepare(data[i].positive, data[i].negative)  # noqa: E731
@@ -70,9 +77,15 @@ class Session:
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
                 denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                 features, device)
+            tapping = lambda: tap is not None and tap.active  # noqa: E731
             with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
+                    host.graphed_unet(self.student, self.cuda_graphs, lambda: not tapping(), lambda: lora.enabled) as graphs, \
                     host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
-                return fn(tr)
+                self.graphs = graphs
+                try:
+                    return fn(tr)
+                finally:
+                    self.graphs = None
 
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,

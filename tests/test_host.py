@@ -26,7 +26,8 @@ def _denoise_once(model, pos, neg, x, sigma, cfg):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, tmp_path, compute_dtype):
-    """fp32: every weight goes through a frozen copy; bf16 (the GPU default): weights are cast on use."""
+    """fp32 (the CPU default) and bf16 (the GPU default): during training the weights are ordinary frozen
+    tensors in that dtype; afterwards the cached model is exactly as before."""
     from comfy_rapm import host as h
     model, pos, neg = _load_checkpoint_like_the_executor(host, tmp_path)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -34,6 +35,7 @@ def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, t
     flags_before = [p.requires_grad for p in model.model.parameters()]
     with torch.inference_mode():
         before = _denoise_once(model, pos, neg, x, sigma, cfg=2.0)
+        weights_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
     with torch.inference_mode(), torch.inference_mode(False):
         adapters = lora_mod.LoRA(h.weight_modules(model), rank=4, alpha=4, seed=0)
@@ -43,7 +45,7 @@ def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, t
         x_in = x.clone().requires_grad_(True)
 
         def step(d):
-            with h.lora_attached(student, adapters):
+            with h.training_weights(student, compute_dtype), h.lora_attached(student, adapters):
                 out = d(x_in.to(d.device), sigma, cfg=2.0)
                 out.square().mean().backward()
                 adapters.set_enabled(False)
@@ -67,7 +69,10 @@ def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, t
 
     with torch.inference_mode():
         after = _denoise_once(model, pos, neg, x, sigma, cfg=2.0)
+        weights_after = model.model.diffusion_model.state_dict()
     assert torch.equal(after, before)
+    assert weights_after.keys() == weights_before.keys()
+    assert all(weights_after[k].dtype == v.dtype and torch.equal(weights_after[k], v) for k, v in weights_before.items())
 
 
 def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, tmp_path):
@@ -86,7 +91,7 @@ def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, 
         student = h.trainable_clone(model, torch.float32)
 
         def run(d):
-            with h.lora_attached(student, adapters), torch.no_grad():
+            with h.training_weights(student, torch.float32), h.lora_attached(student, adapters), torch.no_grad():
                 return d(x.to(d.device), sigma, cfg=2.0).cpu()
         bypass = h.run_with_denoiser(student, pos, neg, x.shape, run)
     with torch.inference_mode():

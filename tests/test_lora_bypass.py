@@ -15,7 +15,7 @@ from comfy_rapm.lora import LoRALayer
 ])
 def test_bypass_output_equals_the_merged_weight(module, x_shape):
     g = torch.Generator().manual_seed(0)
-    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, owner=None, generator=g)
+    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
     with torch.no_grad():
         layer.up.normal_(generator=g)
     x = torch.randn(x_shape, generator=g)
