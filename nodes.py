@@ -224,8 +224,8 @@ class RAPMTrain:
             "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
         }, "optional": {
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet blocks in backward: less memory, more time."}),
-            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet blocks in backward: less memory, more time. SD1.5 on a 12 GB card or SDXL on a 24 GB card: on."}),
+            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, slower. SDXL on a 16 GB card: on, with gradient_checkpointing."}),
             "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
@@ -298,7 +298,7 @@ class RAPMTrain:
                                "with the same name to resume from that checkpoint.") from None
         except Exception as e:
             if host.is_oom(e):
-                raise RuntimeError(f"{node}: out of GPU memory. Turn on low_memory and gradient_checkpointing, "
+                raise RuntimeError(f"{node}: out of GPU memory. Turn on gradient_checkpointing (then also low_memory), "
                                    "or lower lora_rank; rerun with the same name to resume.") from None
             raise
 

@@ -172,7 +172,7 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     gc = variant in ("checkpointing", "low_memory+checkpointing")
     reset_peak()
     sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, low_memory, rank), precision="auto",
-                           gradient_checkpointing=gc, cuda_graphs=False if variant == "no_cuda_graphs" else None)
+                           gradient_checkpointing=gc, cuda_graphs=False if variant in ("no_cuda_graphs", "reference") else None)
     step = reference_iteration if variant == "reference" else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -293,7 +293,7 @@ def check_equivalence(patcher, tset, kind, rank):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
-    p.add_argument("--variants", default="default,no_cuda_graphs,low_memory,low_memory+checkpointing,reference")
+    p.add_argument("--variants", default="default,no_cuda_graphs,checkpointing,low_memory,low_memory+checkpointing,reference")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
     p.add_argument("--rank", type=int, default=64)
