@@ -236,11 +236,12 @@ def training_weights(model, dtype: torch.dtype):
     tensors in `dtype`. The loader's weights are inference tensors, which autograd cannot save, and
     casting them on every use costs a copy per layer per pass and a saved copy per graded pass. The
     originals wait on the CPU and are put back exactly on exit."""
-    params = [(module, name, p) for module in model.model.diffusion_model.modules()
-              for name, p in module._parameters.items() if p is not None]
+    slots = [(module, name) for module in model.model.diffusion_model.modules()
+             for name, p in module._parameters.items() if p is not None]
     saved = []
     try:
-        for module, name, p in params:
+        for module, name in slots:  # one parameter at a time, so no original outlives its replacement
+            p = module._parameters[name]
             saved.append((module, name, p.detach().to("cpu", copy=True), p.requires_grad, p.device))
             with torch.inference_mode(False):
                 module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)

@@ -75,6 +75,31 @@ def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, t
     assert all(weights_after[k].dtype == v.dtype and torch.equal(weights_after[k], v) for k, v in weights_before.items())
 
 
+def test_training_weights_replace_the_originals_instead_of_keeping_both(host):
+    """The loader's weights wait on the CPU during training: with the model loaded by ComfyUI, as in a
+    session, no original stays referenced on its device."""
+    import gc
+    import weakref
+    from comfy_rapm import host as h
+    model = tiny_models.make_model_patcher("sd15")
+    pos, neg = tiny_models.make_conditioning("sd15", seed=1), tiny_models.make_conditioning("sd15", seed=2)
+    unet = model.model.diffusion_model
+    student = h.trainable_clone(model, torch.bfloat16)
+
+    def body(d):
+        originals = [weakref.ref(p) for p in unet.parameters()]
+        with h.training_weights(student, torch.bfloat16):
+            gc.collect()
+            alive = [r for r in originals if r() is not None]
+            dtypes = {p.dtype for p in unet.parameters()}
+            frozen = not any(p.requires_grad for p in unet.parameters())
+        return alive, dtypes, frozen
+    with torch.inference_mode():
+        alive, dtypes, frozen = h.run_with_denoiser(student, pos, neg, (1, 4, 8, 8), body)
+    assert alive == [] and dtypes == {torch.bfloat16} and frozen
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
+
+
 def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, tmp_path):
     """Training adds up(down(x)) to each target's output; the saved file, applied by ComfyUI's own LoRA
     loader (W + ΔW), must give the same model."""
