@@ -27,6 +27,7 @@ import torch
 from . import losses, schedule, solver, storage
 from .discriminator import Discriminators
 from .lora import LoRA
+from .optim import AdamWNoMomentum
 
 MODES = ("rapm", "relative_only", "absolute_only", "huber_only")
 CHECKPOINT_VERSION = 1
@@ -140,8 +141,8 @@ class Trainer:
         if config.uses_gan:
             if discriminators is None or features is None:
                 raise ValueError(f"mode {config.mode} needs discriminators and a feature backbone")
-            self.disc_opt = torch.optim.AdamW(discriminators.parameters(), lr=config.discriminator_learning_rate,
-                                              betas=(0.0, 0.999), weight_decay=0.0)
+            self.disc_opt = AdamWNoMomentum(discriminators.parameters(), lr=config.discriminator_learning_rate,
+                                            beta2=0.999, weight_decay=0.0)
 
     # --- model passes -------------------------------------------------------------------
 
