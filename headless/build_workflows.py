@@ -95,12 +95,12 @@ The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step stu
 
 WORKFLOWS = {
     "rapm_sd15.json": pipeline(
-        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 8,
+        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 16,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto"),
         100, "sd15_rapm", SD15_NOTE),
     "rapm_sdxl.json": pipeline(
-        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 4,
+        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 8,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto"),
         100, "sdxl_rapm", SDXL_NOTE),
