@@ -438,13 +438,15 @@ class gradient_checkpointing:
 
 
 def training_dtype(model, precision: str) -> torch.dtype | None:
-    """bf16 where the device supports it (precision 'auto' or 'bf16'), else float32."""
+    """'auto': bf16 on a GPU that supports it, else float32; 'bf16' also on the CPU (slow, for checks)."""
     device = model.load_device
     if precision == "fp32":
         return torch.float32
     if precision in ("auto", "bf16") and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if precision == "bf16":
+        if device.type == "cpu":
+            return torch.bfloat16
         raise ValueError(f"bf16 is not supported on {device}; use precision auto or fp32")
     return torch.float32
 
