@@ -226,7 +226,7 @@ class RAPMTrain:
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet blocks in backward: less memory, more time. SD1.5 on a 12 GB card or SDXL on a 24 GB card: on."}),
             "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, slower. SDXL on a 16 GB card: on, with gradient_checkpointing."}),
-            "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere."}),
+            "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP")
