@@ -244,16 +244,19 @@ def test_pipeline_miniature(mods, mini, tmp_path):
     np.testing.assert_array_equal(px[2:34, 2:34], real[rows[0]].permute(1, 2, 0).numpy())
 
 
-def test_benchmark_driver_miniature(mods, mini, tmp_path):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     """bench/quality/run_benchmark.py end to end at toy scale: teacher, trajectories through the product's
-    store, RAPM and the three ablations through the product's trainer, evaluation, report."""
+    store, RAPM and the three ablations through the product's trainer (in this process, or one worker
+    process per run), evaluation, report."""
     import json
     import run_benchmark
     out = tmp_path / "q"
     assert run_benchmark.main([
         "--data", str(mini), "--out", str(out), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
         "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
-        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6"]) == 0
+        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6"]
+        + (["--parallel", "--eval-reserve-seconds", "0"] if parallel else [])) == 0
     report = json.loads((out / "quality.json").read_text())
     assert set(report["rows"]) == {r[0] for r in run_benchmark.ROWS}
     assert all(r["heldout"]["fd"] >= 0 and r["train"]["n"] == 12 for r in report["rows"].values())

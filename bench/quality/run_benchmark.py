@@ -3,7 +3,7 @@
     teacher (train_teacher.py) → 1K trajectories for N=4 and N=2 (the product's Store + session code)
     → RAPM distillation (the product's Session + trainer) and the ablations → evaluation (eval.py)
 
-    python bench/quality/run_benchmark.py --data .data/quality --out OUT [--teacher DIR]
+    python bench/quality/run_benchmark.py --data .data/quality --out OUT [--teacher DIR] [--parallel]
 
 Writes OUT/quality.json, OUT/quality.md, OUT/grids.png (one row of samples per table row, in table
 order), OUT/teacher/ and OUT/rapm4_lora.safetensors. Every metric is on held-out prompts (concepts and
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,7 +76,89 @@ def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, s
     return trajectories.TrajectorySet(folder)
 
 
+def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = None) -> dict:
+    """One distillation run through the product's Session + trainer, in chunks of iterations/curve_points
+    (each resumes from the run's checkpoint, the same path as a resumed RAPMTrain node), writing the
+    student LoRA after every chunk as folder/lora_<iteration>.safetensors (the FD curve is scored from
+    these afterwards: sampling another patcher of the same model inside the training context would unload
+    it). Stops starting chunks after `deadline` (time.time()). Returns {iterations, seconds, loras}."""
+    from safetensors.torch import save_file
+    from comfy_rapm import session, trainer
+    steps, mode = RUNS[run]
+    config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank),
+                            learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
+                            seed=0, checkpoint_every=10**9)
+    sess = session.Session(mp, tset, config)
+    chunk = max(2, args.iterations // args.curve_points)
+    run_dir = trainer.Run(folder, {"run": run})
+    run_dir.open()
+    t0, done, loras = time.perf_counter(), 0, {}
+    while done < args.iterations and (deadline is None or time.time() < deadline):
+        config.iterations = min(args.iterations, done + chunk)
+
+        def fit(tr):
+            run_dir.restore(tr)
+            trainer.train(tr, run_dir)
+            return tr.iteration
+        done = sess.run(fit)
+        loras[done] = str(folder / f"lora_{done}.safetensors")
+        save_file({k: v.contiguous() for k, v in sess.lora_weights({}).items()}, loras[done])
+    seconds = time.perf_counter() - t0
+    return {"iterations": done, "seconds": round(seconds, 1), "seconds_per_iteration": seconds / max(done, 1),
+            "loras": loras}
+
+
+def worker(argv) -> int:
+    """`run_benchmark.py --worker RUN --teacher T --trajectories-dir D --folder F --deadline S …`: one
+    run of --parallel in its own process; writes F/result.json."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True)
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--trajectories-dir", type=Path, required=True)
+    ap.add_argument("--folder", type=Path, required=True)
+    ap.add_argument("--deadline", type=float, required=True)
+    ap.add_argument("--cpu", action="store_true")
+    for name, kind in (("iterations", int), ("curve-points", int), ("rank", int), ("lr", float), ("disc-lr", float)):
+        ap.add_argument(f"--{name}", type=kind, required=True)
+    args = ap.parse_args(argv)
+    import teacher as T
+    T.comfy_init(cpu=args.cpu or not torch.cuda.is_available())
+    from comfy_rapm import trajectories
+    mp, _ = T.load_teacher(args.teacher)
+    result = train_run(mp, trajectories.TrajectorySet(args.trajectories_dir), args.worker, args, args.folder, args.deadline)
+    (args.folder / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+def train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock) -> dict:
+    """Each run in its own process, all at once: on a small model training is bound by one CPU core's
+    Python and launches, so the runs share the GPU nearly for free."""
+    import subprocess
+    procs = {}
+    for run in runs:
+        folder = work / f"run_{run}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--teacher", str(teacher_dir),
+               "--trajectories-dir", str(sets[RUNS[run][0]].folder), "--folder", str(folder), "--deadline", str(deadline),
+               "--iterations", str(args.iterations), "--curve-points", str(args.curve_points), "--rank", str(args.rank),
+               "--lr", str(args.lr), "--disc-lr", str(args.disc_lr)] + (["--cpu"] if args.cpu else [])
+        log = open(folder / "worker.log", "w")
+        procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")), log)
+    results = {}
+    for run, (proc, log) in procs.items():
+        code = proc.wait()
+        log.close()
+        if code != 0:
+            raise RuntimeError(f"worker {run} failed ({code}): see {work / f'run_{run}' / 'worker.log'}")
+        results[run] = json.loads((work / f"run_{run}" / "result.json").read_text())
+        clock.log(f"{run}: {results[run]['iterations']} iterations in {results[run]['seconds']:.0f}s (in parallel)")
+    return results
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv:
+        return worker(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / ".data" / "quality")
     ap.add_argument("--out", type=Path, required=True)
@@ -95,6 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-steps", type=int, default=100, help="steps of the reference row (tests use fewer)")
     ap.add_argument("--budget-seconds", type=float, default=560, help="stop starting new work after this")
     ap.add_argument("--runs", default="rapm4,relative_only4,absolute_only4,huber_only4,rapm2")
+    ap.add_argument("--parallel", action="store_true", help="train the runs at once, one process each")
+    ap.add_argument("--eval-reserve-seconds", type=float, default=150,
+                    help="with --parallel: training stops this long before the budget ends, for the scoring")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
     clock = Clock(args.budget_seconds)
@@ -105,7 +192,7 @@ def main(argv=None) -> int:
     from dataset import load_dataset
     use_cuda = torch.cuda.is_available() and not args.cpu
     T.comfy_init(cpu=not use_cuda)
-    from comfy_rapm import host, session, trainer
+    from comfy_rapm import host
 
     data = load_dataset(args.data)
     split = data["split"]
@@ -179,46 +266,36 @@ def main(argv=None) -> int:
                                      args.fine_steps, args.cfg, batch_size=250)
         clock.log(f"{len(sets[steps])} trajectories N={steps} M={args.fine_steps} in {time.perf_counter() - t0:.0f}s")
 
+    work = args.work or args.out / "work"
+    runs = args.runs.split(",")
+    if args.parallel:
+        deadline = time.time() + clock.left() - args.eval_reserve_seconds
+        trained = train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock)
+    else:
+        trained = {}
+        for run in runs:
+            if clock.left() < 60:
+                report["skipped"].append(run)
+                clock.log(f"skipping {run}: out of time")
+                continue
+            trained[run] = train_run(mp, sets[RUNS[run][0]], run, args, work / f"run_{run}")
+            clock.log(f"{run}: {trained[run]['iterations']} iterations in {trained[run]['seconds']:.0f}s")
+
+    from safetensors.torch import load_file
     students = {}
-    for run in args.runs.split(","):
-        if clock.left() < 60:
+    for run, result in trained.items():
+        loras = {int(k): v for k, v in result.pop("loras").items()}
+        if not loras:
             report["skipped"].append(run)
-            clock.log(f"skipping {run}: out of time")
             continue
-        steps, mode = RUNS[run]
-        config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank),
-                                learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
-                                seed=0, checkpoint_every=10**9)
-        sess = session.Session(mp, sets[steps], config)
-        curve_every = max(2, args.iterations // args.curve_points) if run == "rapm4" else args.iterations
-        t0 = time.perf_counter()
-
-        # Train in chunks, scoring between them outside the training context (sampling another
-        # patcher of the same model inside it would unload it); each chunk resumes from the run's
-        # checkpoint, the same path as a resumed RAPMTrain node, so the chunks are one training run.
-        run_dir = trainer.Run((args.work or args.out / "work") / f"run_{run}", {"run": run})
-        run_dir.open()
-        done = 0
-        while done < args.iterations:
-            config.iterations = min(args.iterations, done + curve_every)
-
-            def fit(tr):
-                run_dir.restore(tr)
-                trainer.train(tr, run_dir)
-                return tr.iteration
-            done = sess.run(fit)
-            if run == "rapm4" and done < args.iterations:
-                m, _ = score(host.apply_lora(mp, sess.lora_weights({})), 4, 1.0)
-                report["curve"].append({"iteration": done, "fd_heldout": m["heldout"]["fd"], "fd_train": m["train"]["fd"]})
-                clock.log(f"  {run} @ {done}: FD held-out {m['heldout']['fd']:.2f}")
-        seconds = time.perf_counter() - t0
-        students[run] = host.apply_lora(mp, sess.lora_weights({}))
+        report.setdefault("training", {})[run] = result
+        students[run] = host.apply_lora(mp, load_file(loras[max(loras)]))
         if run == "rapm4":
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in sess.lora_weights({}).items()}, str(args.out / "rapm4_lora.safetensors"))
-        report.setdefault("training", {})[run] = {"iterations": done, "seconds": round(seconds, 1),
-                                                  "seconds_per_iteration": seconds / max(done, 1)}
-        clock.log(f"{run}: {done} iterations in {seconds:.0f}s")
+            shutil.copyfile(loras[max(loras)], args.out / "rapm4_lora.safetensors")
+            for iteration in sorted(loras)[:-1]:
+                m, _ = score(host.apply_lora(mp, load_file(loras[iteration])), 4, 1.0)
+                report["curve"].append({"iteration": iteration, "fd_heldout": m["heldout"]["fd"], "fd_train": m["train"]["fd"]})
+                clock.log(f"  rapm4 @ {iteration}: FD held-out {m['heldout']['fd']:.2f}")
 
     for row, steps, source in ROWS[3:]:
         if source not in students:
