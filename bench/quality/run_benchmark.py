@@ -148,8 +148,10 @@ def train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock) -> d
     for run, (proc, log) in procs.items():
         code = proc.wait()
         log.close()
-        if code != 0:
-            raise RuntimeError(f"worker {run} failed ({code}): see {work / f'run_{run}' / 'worker.log'}")
+        if code != 0:  # the other runs' results are still worth scoring
+            tail = (work / f"run_{run}" / "worker.log").read_text()[-2000:]
+            clock.log(f"worker {run} failed with exit code {code}; the end of its log:\n{tail}")
+            continue
         results[run] = json.loads((work / f"run_{run}" / "result.json").read_text())
         clock.log(f"{run}: {results[run]['iterations']} iterations in {results[run]['seconds']:.0f}s (in parallel)")
     return results
@@ -271,6 +273,7 @@ def main(argv=None) -> int:
     if args.parallel:
         deadline = time.time() + clock.left() - args.eval_reserve_seconds
         trained = train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock)
+        report["skipped"] += [run for run in runs if run not in trained]
     else:
         trained = {}
         for run in runs:
@@ -357,7 +360,7 @@ def markdown(report) -> str:
     for k, v in report["goals"].items():
         lines.append(f"- {k}: {v['value']:.3f} (goal {v['goal']}): {'met' if v['met'] else 'NOT met'}")
     if report["skipped"]:
-        lines += ["", "Skipped for time: " + ", ".join(report["skipped"])]
+        lines += ["", "Skipped (out of time, or a worker failed: see the log): " + ", ".join(report["skipped"])]
     lines += ["", "`grids.png`: one line of 16 held-out samples per table row, in table order (same noise in every row)."]
     return "\n".join(lines) + "\n"
 
