@@ -105,7 +105,7 @@ class RAPMTeacherTrajectory:
             "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Teacher guidance (SD1.5: 5-6, SDXL: 7-8). The student learns it; it samples at cfg 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Trajectory i uses noise seed + i."}),
-            "batch_size": ("INT", {"default": trajectories.DEFAULT_BATCH_SIZE, "min": 1, "max": 256, "tooltip": "Trajectories computed at once (16: SD1.5 at 512 px peaks at 3.8 GiB; SDXL at 1024 px needs ~10 GiB)."}),
+            "batch_size": ("INT", {"default": trajectories.DEFAULT_BATCH_SIZE, "min": 1, "max": 256, "tooltip": "Trajectories computed at once (16: SD1.5 at 512 px peaks at 3.7 GiB; SDXL at 1024 px: 7.4 GiB at 8)."}),
             "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
         }, "optional": {
             "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),

@@ -18,9 +18,8 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
     """One batch of teacher trajectories (B, N+1, C, H, W) in VP space, on the CPU. `positive` and
     `negative` are batched CONDITIONINGs whose row i belongs to noise[i]."""
     def body(denoiser):
-        with host.graphed_unet(model, True, lambda: True, lambda: None):
-            return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
-                                                   noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
+        return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
+                                               noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
     with host.autotuned_convolutions():
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 

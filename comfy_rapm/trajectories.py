@@ -25,7 +25,7 @@ from . import schedule, solver, storage
 FORMAT = "rapm-trajectories"
 FORMAT_VERSION = 1
 SAMPLER_VERSION = 1  # bump when the numbers a given set of inputs produces change
-DEFAULT_BATCH_SIZE = 16  # SD1.5 at 512 px, CFG: 3.8 GiB peak, 4% faster than 8 (bench/results/perf.json)
+DEFAULT_BATCH_SIZE = 16  # SD1.5 at 512 px, CFG: 3.7 GiB peak, 9% faster than 8 (bench/results/perf.json)
 
 
 def parse_prompts(text: str) -> list[str]:
