@@ -123,7 +123,7 @@ def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, 
         merged = _denoise_once(h.apply_lora(model, adapters.comfy_state_dict(torch.float32)), pos, neg, x, sigma, cfg=2.0)
         teacher = _denoise_once(model, pos, neg, x, sigma, cfg=2.0)
     assert (merged - teacher).abs().max() > 1e-2
-    torch.testing.assert_close(bypass, merged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bypass, merged, rtol=1e-4, atol=1e-4)  # fp32 rounding of two summation orders
 
 
 def test_sdxl_style_conditioning_with_pooled_output_and_size(host):
