@@ -94,7 +94,12 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
     run_dir.open()
     t0, done, loras = time.perf_counter(), 0, {}
     while done < args.iterations and (deadline is None or time.time() < deadline):
-        config.iterations = min(args.iterations, done + chunk)
+        size = chunk
+        if deadline is not None and done:  # the last chunk shrinks to end near the deadline, at the speed so far
+            size = min(chunk, int((deadline - time.time()) / ((time.perf_counter() - t0) / done)))
+            if size < 2:
+                break
+        config.iterations = min(args.iterations, done + size)
 
         def fit(tr):
             run_dir.restore(tr)
