@@ -2,7 +2,8 @@
 
 Everything the core needs from the host goes through here: a denoiser over a ModelPatcher with
 ComfyUI's own conditioning and CFG, the model's sampling object, seeded noise, latent-space
-conversion, weight functions for adapters, stock LoRA application, progress and Cancel.
+conversion, the training session's weights, LoRA hooks and CUDA graphs, stock LoRA application,
+progress and Cancel.
 Imported only inside a ComfyUI process."""
 from __future__ import annotations
 

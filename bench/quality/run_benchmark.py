@@ -76,12 +76,25 @@ def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, s
     return trajectories.TrajectorySet(folder)
 
 
+TRAINING_ARGUMENTS = ("iterations", "curve_points", "rank", "lr", "disc_lr")
+
+
+def add_training_arguments(ap: argparse.ArgumentParser) -> None:
+    """The distillation settings (TRAINING_ARGUMENTS), for the driver and its --parallel workers."""
+    ap.add_argument("--iterations", type=int, default=600, help="per distillation run (paper: 20K for SD1.5)")
+    ap.add_argument("--curve-points", type=int, default=6)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--disc-lr", type=float, default=1e-4)
+
+
 def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = None) -> dict:
     """One distillation run through the product's Session + trainer, in chunks of iterations/curve_points
-    (each resumes from the run's checkpoint, the same path as a resumed RAPMTrain node), writing the
-    student LoRA after every chunk as folder/lora_<iteration>.safetensors (the FD curve is scored from
-    these afterwards: sampling another patcher of the same model inside the training context would unload
-    it). Stops starting chunks after `deadline` (time.time()). Returns {iterations, seconds, loras}."""
+    for the rapm4 curve or a deadline, else in one (each chunk resumes from the run's checkpoint, the same
+    path as a resumed RAPMTrain node), writing the student LoRA after every chunk as
+    folder/lora_<iteration>.safetensors (the FD curve is scored from these afterwards: sampling another
+    patcher of the same model inside the training context would unload it). Stops starting chunks after
+    `deadline` (time.time()). Returns {iterations, seconds, loras}."""
     from safetensors.torch import save_file
     from comfy_rapm import session, trainer
     steps, mode = RUNS[run]
@@ -89,7 +102,7 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
                             learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
                             seed=0, checkpoint_every=10**9)
     sess = session.Session(mp, tset, config)
-    chunk = max(2, args.iterations // args.curve_points)
+    chunk = max(2, args.iterations // args.curve_points) if run == "rapm4" or deadline is not None else args.iterations
     run_dir = trainer.Run(folder, {"run": run})
     run_dir.open()
     t0, done, loras = time.perf_counter(), 0, {}
@@ -123,8 +136,7 @@ def worker(argv) -> int:
     ap.add_argument("--folder", type=Path, required=True)
     ap.add_argument("--deadline", type=float, required=True)
     ap.add_argument("--cpu", action="store_true")
-    for name, kind in (("iterations", int), ("curve-points", int), ("rank", int), ("lr", float), ("disc-lr", float)):
-        ap.add_argument(f"--{name}", type=kind, required=True)
+    add_training_arguments(ap)
     args = ap.parse_args(argv)
     import teacher as T
     T.comfy_init(cpu=args.cpu or not torch.cuda.is_available())
@@ -144,9 +156,9 @@ def train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock) -> d
         folder = work / f"run_{run}"
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--teacher", str(teacher_dir),
-               "--trajectories-dir", str(sets[RUNS[run][0]].folder), "--folder", str(folder), "--deadline", str(deadline),
-               "--iterations", str(args.iterations), "--curve-points", str(args.curve_points), "--rank", str(args.rank),
-               "--lr", str(args.lr), "--disc-lr", str(args.disc_lr)] + (["--cpu"] if args.cpu else [])
+               "--trajectories-dir", str(sets[RUNS[run][0]].folder), "--folder", str(folder), "--deadline", str(deadline)]
+        cmd += [a for name in TRAINING_ARGUMENTS for a in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+        cmd += ["--cpu"] if args.cpu else []
         log = open(folder / "worker.log", "w")
         procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")), log)
     results = {}
@@ -177,11 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trajectories", type=int, default=1000)
     ap.add_argument("--fine-steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--iterations", type=int, default=600, help="per distillation run (paper: 20K for SD1.5)")
-    ap.add_argument("--curve-points", type=int, default=6)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--disc-lr", type=float, default=1e-4)
+    add_training_arguments(ap)
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--reference-steps", type=int, default=100, help="steps of the reference row (tests use fewer)")
     ap.add_argument("--budget-seconds", type=float, default=560, help="stop starting new work after this")
