@@ -9,6 +9,7 @@ Prints a table last; writes JSON with the card, torch version, date and this com
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -101,10 +102,18 @@ def sync():
 
 
 def peak_gib() -> float:
+    """Peak memory held by tensors (allocations made while a CUDA graph replays are not counted)."""
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def peak_reserved_gib() -> float:
+    """Peak memory PyTorch held from the driver: tensors, CUDA graph pools and the allocator's cache —
+    what the card must have (plus the CUDA context)."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def reset_peak():
+    gc.collect()  # a finished session's graphs and tensors, before the cache is emptied
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -127,7 +136,7 @@ def measure_trajectories(patcher, kind, batch, steps, fine_steps):
         seconds = time.perf_counter() - t0
     assert torch.isfinite(out).all()
     return {"batch_size": batch, "steps": steps, "fine_steps": fine_steps, "seconds_per_batch": seconds,
-            "trajectories_per_min": 60.0 * batch / seconds, "peak_gib": peak_gib(),
+            "trajectories_per_min": 60.0 * batch / seconds, "peak_gib": peak_gib(), "peak_reserved_gib": peak_reserved_gib(),
             "minutes_per_1000": 1000 / (60.0 * batch / seconds)}
 
 
@@ -172,7 +181,8 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     gc = variant in ("checkpointing", "low_memory+checkpointing")
     reset_peak()
     sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, low_memory, rank), precision="auto",
-                           gradient_checkpointing=gc, cuda_graphs=False if variant in ("no_cuda_graphs", "reference") else None)
+                           gradient_checkpointing=gc, cuda_graphs=False if variant in ("no_cuda_graphs", "reference") else None,
+                           graded_graphs=False if variant == "no_graded_graphs" else None)
     step = reference_iteration if variant == "reference" else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -188,10 +198,11 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         graphs = sess.graphs
         return (time.perf_counter() - t0) / iterations, {
             "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,
-                                                        "failed": graphs.failed}}
+                                                        "failed": graphs.failed, "graded": graphs.graded,
+                                                        "busy": graphs.busy, "error": graphs.error}}
     try:
         seconds, extra = sess.run(fit)
-        result = {"seconds_per_iteration": seconds, "peak_gib": peak_gib(), "iterations_timed": iterations,
+        result = {"seconds_per_iteration": seconds, "peak_gib": peak_gib(), "peak_reserved_gib": peak_reserved_gib(), "iterations_timed": iterations,
                   "warmup": warmup, "lora_rank": rank, "lora_parameters": sum(p.numel() for p in sess.lora.parameters()),
                   **extra}
     except torch.OutOfMemoryError:
@@ -251,13 +262,26 @@ def profile_training(patcher, tset, kind, warmup, rank, out_path=None):
     return {"wall_seconds_2_iterations": wall, "gpu_kernel_seconds": kernels}
 
 
-def check_equivalence(patcher, tset, kind, rank):
-    """Product vs reference on the same draws: loss and gradients, bf16."""
+def gradients(tr, student_turn: bool) -> list[torch.Tensor]:
+    module = tr.lora if student_turn else tr.discriminators
+    return [p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for p in module.parameters()]
+
+
+def rel_diff(a: list, b: list) -> float:
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
+    return num / max(sum(float(y.pow(2).sum()) for y in b) ** 0.5, 1e-30)
+
+
+def check_equivalence(patcher, tset, kind, rank, precision="auto"):
+    """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
+    CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients."""
     from bench.reference_rapm import compare_with_product
     from comfy_rapm import session
-    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision="auto")
+    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision=precision)
 
     def check(tr):
+        torch.manual_seed(0)  # the same student in every run
         with torch.no_grad():
             for layer in tr.lora.layers:
                 layer.up.normal_(std=1e-3)
@@ -276,6 +300,24 @@ def check_equivalence(patcher, tset, kind, rank):
             out["cuda_graphs_vs_eager"] = {"rel_diff": max(rel(g, e) for g, e in zip(graphed, eager_again)),
                                            "eager_repeat_rel_diff": max(rel(a, e) for a, e in zip(eager, eager_again)),
                                            "replays": sess.graphs.replays, "failed": sess.graphs.failed}
+            for student_turn in (True, False):  # both sides' gradients: graphs (capture, then replay) vs eager
+                draws = tr.draw()
+                sess.graphs.enabled = True
+                for _ in range(2):
+                    tr.backward(draws, student_turn)
+                graphed_grads = gradients(tr, student_turn)
+                sess.graphs.enabled = False
+                tr.backward(draws, student_turn)
+                eager_grads = gradients(tr, student_turn)
+                tr.backward(draws, student_turn)  # eager again: how far eager differs from itself (atomics)
+                eager_again = gradients(tr, student_turn)
+                sess.graphs.enabled = True
+                side = "student" if student_turn else "discriminator"
+                out["cuda_graphs_vs_eager"][f"{side}_grad_rel_diff"] = rel_diff(graphed_grads, eager_grads)
+                out["cuda_graphs_vs_eager"][f"{side}_grad_eager_repeat_rel_diff"] = rel_diff(eager_again, eager_grads)
+            out["cuda_graphs_vs_eager"].update(shapes=len(sess.graphs.graphs), graded=sess.graphs.graded,
+                                               failed=sess.graphs.failed, error=sess.graphs.error)
+        out["reference_compared_with_graphs"] = sess.graphs is not None
         for student_turn in (True, False):
             c = compare_with_product(tr, student_turn)
             out["student" if student_turn else "discriminator"] = {
@@ -293,7 +335,7 @@ def check_equivalence(patcher, tset, kind, rank):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
-    p.add_argument("--variants", default="default,no_cuda_graphs,checkpointing,low_memory,low_memory+checkpointing,reference")
+    p.add_argument("--variants", default="default,no_graded_graphs,no_cuda_graphs,checkpointing,low_memory,low_memory+checkpointing,reference")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
     p.add_argument("--rank", type=int, default=64)
@@ -301,6 +343,7 @@ def main(argv=None):
     p.add_argument("--traj-fine-steps", type=int, default=25)
     p.add_argument("--skip-trajectories", action="store_true")
     p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--comfyui", default=None)
@@ -315,6 +358,11 @@ def main(argv=None):
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "card": card, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "models": {}}
+    def save():  # after every measurement, so a run cut short still leaves what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
     for kind in args.models.split(","):
         entry = report["models"][kind] = {}
         t0 = time.perf_counter()
@@ -326,11 +374,9 @@ def main(argv=None):
                 key = "trajectories" if batch == batches[0] else f"trajectories_batch_{batch}"
                 entry[key] = measure_trajectories(patcher, kind, batch, 4, args.traj_fine_steps)
                 print(f"[{kind}] trajectories {entry[key]}", flush=True)
+                save()
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             tset = synthetic_set(os.path.join(tmp, "set"), patcher, kind, count=8, steps=4)
-            if not args.skip_equivalence:
-                entry["equivalence_bf16"] = check_equivalence(patcher, tset, kind, args.rank)
-                print(f"[{kind}] equivalence {entry['equivalence_bf16']}", flush=True)
             if args.profile:
                 entry["profile"] = profile_training(patcher, tset, kind, args.warmup, args.rank,
                                                     args.profile.replace("{model}", kind))
@@ -339,19 +385,25 @@ def main(argv=None):
                 r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)
                 entry["training"][variant] = r
                 print(f"[{kind}] {variant}: {r}", flush=True)
+                save()
+            # last: a check that runs out of memory must not leave its memory to the measurements
+            for precision in [] if args.skip_equivalence else args.equivalence_precision.split(","):
+                key = "equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"
+                reset_peak()
+                entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision)
+                print(f"[{kind}] {key} {entry[key]}", flush=True)
+                save()
         del patcher
         reset_peak()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save()
     print(f"\ncard: {card}  torch {torch.__version__}")
-    print(f"{'model':6} {'variant':26} {'s/it':>8} {'peak GiB':>9}  20K it (h)")
+    print(f"{'model':6} {'variant':26} {'s/it':>8} {'peak GiB':>9} {'reserved':>9}  20K it (h)")
     for kind, entry in report["models"].items():
         for variant, r in entry.get("training", {}).items():
             if "error" in r:
                 print(f"{kind:6} {variant:26} {r['error']:>8}")
             else:
-                print(f"{kind:6} {variant:26} {r['seconds_per_iteration']:8.3f} {r['peak_gib']:9.2f}  {r['seconds_per_iteration'] * 20000 / 3600:.2f}")
+                print(f"{kind:6} {variant:26} {r['seconds_per_iteration']:8.3f} {r['peak_gib']:9.2f} {r['peak_reserved_gib']:9.2f}  {r['seconds_per_iteration'] * 20000 / 3600:.2f}")
         t = entry.get("trajectories")
         if t:
             print(f"{kind:6} trajectories (batch {t['batch_size']})  {t['trajectories_per_min']:.1f}/min, peak {t['peak_gib']:.2f} GiB, 1000 in {t['minutes_per_1000']:.1f} min")

@@ -1,84 +1,180 @@
-"""CUDA graphs for the fixed-shape no-grad model passes of training.
+"""CUDA graphs for the fixed-shape model passes of training.
 
-At batch 1–8 a UNet pass is bound by the CPU: thousands of small kernel launches, each behind
+At batch 1–12 a UNet pass is bound by the CPU: thousands of small kernel launches, each behind
 Python in the host's layers. A graph captured once per input shape replays all of them in one
 launch. Only tensors are inputs; everything else a call passes (options dicts, flags) is assumed
 not to change the computation for a given key, which the caller's `state` function extends
-(e.g. with the LoRA switch, which the LoRA's hooks read in Python)."""
+(e.g. with the LoRA switch, which the LoRA's hooks read in Python).
+
+No-grad calls replay one graph and return copies of its outputs. Calls with grad (`graded`) go
+through torch.cuda.make_graphed_callables: a forward and a backward graph, with gradients for the
+tensor inputs that require them and for `parameters()` (the LoRA: read by the graph in place, so
+optimizer steps are seen). Each graded key gets its own memory pool: a graded forward's saved
+activations must survive other graphs' replays until its backward runs."""
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
+_BUSY = object()
 
 
 def _signature(value):
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return type(value).__name__  # dicts of options: assumed constant for the call site
 
 
+class TensorSlots:
+    """Where the tensors sit in a call's (args, kwargs), to call again with other tensors and the
+    same non-tensor arguments."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self.names = [k for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
+        self.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        self.kwargs = {k: None if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+    def tensors(self, args: tuple, kwargs: dict) -> tuple:
+        return tuple(args[i] for i in self.positions) + tuple(kwargs[k] for k in self.names)
+
+    def call(self, fn: Callable, tensors: tuple):
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for i, t in zip(self.positions, tensors):
+            args[i] = t
+        for name, t in zip(self.names, tensors[len(self.positions):]):
+            kwargs[name] = t
+        return fn(*args, **kwargs)
+
+
+class _WithParameters(torch.nn.Module):
+    """fn over tensors, owning `parameters` so make_graphed_callables differentiates them too."""
+
+    def __init__(self, fn: Callable, parameters: torch.nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.owner = parameters
+
+    def forward(self, *tensors):
+        return self.fn(*tensors)
+
+
+def _outputs(value) -> tuple:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(f"graphed call returned {type(value).__name__}, not a tensor or tensors")
+    return tuple(values)
+
+
 class GraphedCalls:
-    """fn(*args, **kwargs) replayed from a CUDA graph per (argument shapes, state()) when
-    `eligible()` and no grad is needed; eager otherwise, and for good after a failed capture."""
+    """fn(*args, **kwargs) replayed from CUDA graphs per (argument shapes, grad mode, state()) when
+    `eligible()`; eager otherwise, and for good after a failed capture. fn returns a tensor or a
+    tuple of tensors. With grad enabled, only when `graded` and something needs a gradient (a tensor
+    input, or `parameters()` when it returns a module); a failed capture with grad turns `graded` off."""
 
     def __init__(self, fn: Callable, eligible: Callable[[], bool] = lambda: True,
-                 state: Callable[[], object] = lambda: None, warmup: int = 2):
+                 state: Callable[[], object] = lambda: None, warmup: int = 2, graded: bool = False,
+                 parameters: Callable[[], torch.nn.Module | None] = lambda: None):
         self.fn, self.eligible, self.state, self.warmup = fn, eligible, state, warmup
+        self.graded, self.parameters = graded, parameters
         self.graphs: dict = {}
         self.pool = None
         self.failed = False
+        self.error = None  # the last capture's failure, if any
         self.replays = 0
+        self.busy = 0  # graded calls run eagerly because their graph's last replay awaited its backward
         self.enabled = True
 
     def __call__(self, *args, **kwargs):
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        if (self.failed or not self.enabled or torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors)
-                or not self.eligible()):
+        if self.failed or not self.enabled or not tensors or not all(t.is_cuda for t in tensors) or not self.eligible():
             return self.fn(*args, **kwargs)
-        key = (tuple(_signature(a) for a in args), tuple((k, _signature(v)) for k, v in sorted(kwargs.items())),
+        grad = torch.is_grad_enabled()
+        owner = self.parameters() if grad else None
+        if grad and not (self.graded and (owner is not None or any(t.requires_grad for t in tensors))):
+            return self.fn(*args, **kwargs)
+        key = (grad, tuple(_signature(a) for a in args), tuple((k, _signature(v)) for k, v in sorted(kwargs.items())),
                self.state())
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self.graphs[key] = self._capture(args, kwargs)
+                capture = self._capture_graded if grad else self._capture
+                entry = self.graphs[key] = capture(args, kwargs, owner)
             except Exception as error:  # the pass does something a graph cannot hold: stay eager
-                self.failed = True
-                self.graphs.clear()
-                log.warning("CUDA graph capture failed (%s); running the model eagerly", error)
+                self.error = f"{type(error).__name__}: {error}"
+                if grad:  # the no-grad graphs stay
+                    self.graded = False
+                    log.warning("CUDA graph capture of a pass with grad failed (%s); those run eagerly", error)
+                else:
+                    self.failed = True
+                    self.graphs.clear()
+                    log.warning("CUDA graph capture failed (%s); running the model eagerly", error)
                 torch.cuda.synchronize()
                 return self.fn(*args, **kwargs)
-        graph, static_args, static_kwargs, output = entry
-        for static, new in zip(static_args, args):
-            if isinstance(static, torch.Tensor):
-                static.copy_(new)
-        for name, static in static_kwargs.items():
-            if isinstance(static, torch.Tensor):
-                static.copy_(kwargs[name])
-        graph.replay()
+            finally:
+                torch.cuda.empty_cache()  # the warm-up's blocks, cached for its side stream only
+        result = entry(args, kwargs)
+        if result is _BUSY:
+            self.busy += 1
+            return self.fn(*args, **kwargs)
         self.replays += 1
-        return output.clone()
+        return result
 
-    def _capture(self, args, kwargs):
-        clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        static_args = [clone(a) for a in args]
-        static_kwargs = {k: clone(v) for k, v in kwargs.items()}
+    def _capture(self, args, kwargs, owner):
+        slots = TensorSlots(args, kwargs)
+        static = tuple(t.clone() for t in slots.tensors(args, kwargs))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations, autotuning
             for _ in range(self.warmup):
-                self.fn(*static_args, **static_kwargs)
+                slots.call(self.fn, static)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self.fn(*static_args, **static_kwargs)
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"graphed call returned {type(output).__name__}, not a tensor")
-        return graph, static_args, static_kwargs, output
+            output = slots.call(self.fn, static)
+        single = isinstance(output, torch.Tensor)
+        outputs = _outputs(output)
+
+        def replay(args, kwargs):
+            for buffer, new in zip(static, slots.tensors(args, kwargs)):
+                buffer.copy_(new)
+            graph.replay()
+            copies = tuple(o.clone() for o in outputs)
+            return copies[0] if single else copies
+        return replay
+
+    def _capture_graded(self, args, kwargs, owner):
+        slots = TensorSlots(args, kwargs)
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in slots.tensors(args, kwargs))
+        single = []
+
+        def fn(*tensors):
+            output = slots.call(self.fn, tensors)
+            single.append(isinstance(output, torch.Tensor))
+            return _outputs(output)
+        callable_ = _WithParameters(fn, owner) if owner is not None else fn
+        graphed = torch.cuda.make_graphed_callables(callable_, samples, num_warmup_iters=self.warmup,
+                                                    allow_unused_input=True)
+
+        pending = {"node": lambda: None, "done": True}
+
+        def replay(args, kwargs):
+            # The graph's outputs and saved activations live at fixed addresses: replaying it again while
+            # the last replay's backward may still run would overwrite what that backward reads.
+            if not pending["done"] and pending["node"]() is not None:
+                return _BUSY
+            outputs = graphed(*slots.tensors(args, kwargs))
+            node = next((o.grad_fn for o in outputs if o.grad_fn is not None), None)
+            if node is not None:
+                pending.update(node=weakref.ref(node), done=False)
+                node.register_hook(lambda *_: pending.update(done=True))
+            return outputs[0] if single[-1] else tuple(outputs)
+        return replay

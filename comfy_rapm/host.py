@@ -351,14 +351,21 @@ def feature_layers(model, include_up: bool) -> list[torch.nn.Module]:
 
 class FeatureTap:
     """Runs the model as the discriminator backbone and returns the tapped feature maps; the
-    pass stops at the last tap, so an SDXL-style down+mid backbone skips the up path."""
+    pass stops at the last tap, so an SDXL-style down+mid backbone skips the up path.
+
+    Eagerly, hooks on the tapped layers collect the features and the last one stops the pass by
+    raising through the host's sampling code. Under `graphed_unet` the diffusion model's forward
+    itself returns the features (`forward_to_features`, captured in a graph) and hands them over
+    (`deliver`), which stops the pass the same way."""
 
     def __init__(self, model, include_up: bool):
         self.layers = feature_layers(model, include_up)
-        self.active = False  # while a tapped pass runs (it stops early: no CUDA graph for it)
+        self.active = False  # while a tapped pass runs
+        self._captured: dict = {}
+        self._delivered = None
 
     def __call__(self, denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, conds) -> list[torch.Tensor]:
-        captured = {}
+        captured = self._captured = {}
         last = self.layers[-1]
 
         def hook(module, args, output):
@@ -367,7 +374,7 @@ class FeatureTap:
                 raise _FeaturesCaptured
 
         handles = [layer.register_forward_hook(hook) for layer in self.layers]
-        self.active = True
+        self.active, self._delivered = True, None
         try:
             denoiser(x, sigma, conds, cfg=1.0)
         except _FeaturesCaptured:
@@ -376,21 +383,53 @@ class FeatureTap:
             self.active = False
             for h in handles:
                 h.remove()
+        if self._delivered is not None:
+            features, self._delivered = list(self._delivered), None
+            return features
         return [captured[id(layer)] for layer in self.layers]
+
+    def forward_to_features(self, forward: Callable, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        """The diffusion model's `forward` as far as the last tap (while __call__'s hooks are on),
+        returning the tapped features."""
+        try:
+            forward(*args, **kwargs)
+        except _FeaturesCaptured:
+            pass
+        return tuple(self._captured[id(layer)] for layer in self.layers)
+
+    def deliver(self, features: tuple) -> None:
+        """Hands `features` to the running __call__ and stops the pass."""
+        self._delivered = features
+        raise _FeaturesCaptured
 
 
 @contextlib.contextmanager
-def graphed_unet(model, enabled: bool, eligible: Callable[[], bool], state: Callable[[], object]):
-    """While inside: the diffusion model's no-grad passes on CUDA replay CUDA graphs (see
-    cuda_graphs.py); yields the GraphedCalls (None when not enabled)."""
+def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: FeatureTap | None = None,
+                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None):
+    """While inside: the diffusion model's passes on CUDA replay CUDA graphs (see cuda_graphs.py),
+    tapped backbone passes included; with `graded`, also the passes with grad (their gradients reach
+    the inputs and `parameters()`). Yields the GraphedCalls (None when not enabled). Off CUDA the
+    passes run eagerly through the same wrapper."""
     from .cuda_graphs import GraphedCalls
     unet = model.model.diffusion_model
-    if not enabled or not torch.cuda.is_available() or model.load_device.type != "cuda":
+    if not enabled:
         yield None
         return
     own_forward = unet.__dict__.get("forward")
-    graphed = GraphedCalls(unet.forward, eligible, state)
-    unet.forward = graphed
+    forward = unet.forward
+    tapping = lambda: tap is not None and tap.active  # noqa: E731
+
+    def pass_(*args, **kwargs):
+        return tap.forward_to_features(forward, *args, **kwargs) if tapping() else forward(*args, **kwargs)
+
+    graphed = GraphedCalls(pass_, state=lambda: (state(), tapping()), graded=graded, parameters=parameters)
+
+    def graphed_forward(*args, **kwargs):
+        out = graphed(*args, **kwargs)
+        if tapping():
+            tap.deliver(out)
+        return out
+    unet.forward = graphed_forward
     try:
         yield graphed
     finally:

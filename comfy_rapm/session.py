@@ -36,11 +36,14 @@ def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list
 
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
-                 gradient_checkpointing: bool = False, cuda_graphs: bool | None = None):
+                 gradient_checkpointing: bool = False, cuda_graphs: bool | None = None,
+                 graded_graphs: bool | None = None):
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
-        # Graphs keep one pass's activations per batch shape: off in low-memory mode.
+        # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad
+        # are graphed too, except under gradient checkpointing (its recomputation stays eager).
         self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
+        self.graded_graphs = (self.cuda_graphs and not gradient_checkpointing) if graded_graphs is None else graded_graphs
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
@@ -77,9 +80,9 @@ class Session:
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
                 denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                 features, device)
-            tapping = lambda: tap is not None and tap.active  # noqa: E731
             with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
-                    host.graphed_unet(self.student, self.cuda_graphs, lambda: not tapping(), lambda: lora.enabled) as graphs, \
+                    host.graphed_unet(self.student, self.cuda_graphs, lambda: lora.enabled, tap, self.graded_graphs,
+                                      lambda: lora if lora.enabled else None) as graphs, \
                     host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
                 self.graphs = graphs
                 try:
