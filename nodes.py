@@ -224,8 +224,8 @@ class RAPMTrain:
             "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
         }, "optional": {
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet blocks in backward: less memory, more time. SD1.5 on a 12 GB card or SDXL on a 24 GB card: on."}),
-            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, slower. SDXL on a 16 GB card: on, with gradient_checkpointing."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~5% more time (H100: SD1.5 0.25 s/it at 12.1 GiB instead of 0.24 s at 18.1 GiB; SDXL 0.75 s at 20.1 GiB instead of 0.70 s at 49 GiB). Turn off only with memory to spare."}),
+            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, much slower. SD1.5 on a 12 GB card or SDXL on a 16 GB card: on, with gradient_checkpointing."}),
             "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
@@ -237,7 +237,7 @@ class RAPMTrain:
 
     def train(self, model, trajectories, iterations, lora_rank, lora_alpha, learning_rate, discriminator_learning_rate,
               delta, absolute_weight, huber_c, adversarial_weight, mode, seed, checkpoint_every, name,
-              weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto", unique_id=None):
+              weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto", unique_id=None):
         node = "RAPMTrain"
         try:
             name = storage.check_name(name, "name")
@@ -298,8 +298,11 @@ class RAPMTrain:
                                "with the same name to resume from that checkpoint.") from None
         except Exception as e:
             if host.is_oom(e):
-                raise RuntimeError(f"{node}: out of GPU memory. Turn on gradient_checkpointing (then also low_memory), "
-                                   "or lower lora_rank; rerun with the same name to resume.") from None
+                fix = "turn on low_memory" if gradient_checkpointing else "turn on gradient_checkpointing (then also low_memory)"
+                if low_memory and gradient_checkpointing:
+                    fix = "lower lora_rank or use a card with more memory"
+                raise RuntimeError(f"{node}: out of GPU memory. Fix: {fix}; rerun with the same name to resume from the "
+                                   "last checkpoint.") from None
             raise
 
         metadata = {

@@ -9,6 +9,7 @@ Prints a table last; writes JSON with the card, torch version, date and this com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -177,13 +178,16 @@ def reference_iteration(tr):
 
 def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     from comfy_rapm import session
-    low_memory = variant in ("low_memory", "low_memory+checkpointing")
-    gc = variant in ("checkpointing", "low_memory+checkpointing")
+    parts = set(variant.split("+"))  # default, or options joined by '+'
+    unknown = parts - {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference"}
+    if unknown:
+        raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
     reset_peak()
-    sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, low_memory, rank), precision="auto",
-                           gradient_checkpointing=gc, cuda_graphs=False if variant in ("no_cuda_graphs", "reference") else None,
-                           graded_graphs=False if variant == "no_graded_graphs" else None)
-    step = reference_iteration if variant == "reference" else (lambda tr: tr.run_iteration())
+    sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, "low_memory" in parts, rank),
+                           precision="auto", gradient_checkpointing="checkpointing" in parts,
+                           cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
+                           graded_graphs=False if "no_graded_graphs" in parts else None)
+    step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
         for _ in range(warmup):
@@ -273,12 +277,33 @@ def rel_diff(a: list, b: list) -> float:
     return num / max(sum(float(y.pow(2).sum()) for y in b) ** 0.5, 1e-30)
 
 
-def check_equivalence(patcher, tset, kind, rank, precision="auto"):
+@contextlib.contextmanager
+def strict_kernels(enabled: bool):
+    """Deterministic kernels and no TF32 (fp32 convolutions and matmuls in full fp32), restored on exit; cuBLAS
+    also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before it starts."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
+
+
+def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False):
     """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
     CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients."""
     from bench.reference_rapm import compare_with_product
     from comfy_rapm import session
-    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision=precision)
+    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision=precision,
+                           gradient_checkpointing=gradient_checkpointing)
 
     def check(tr):
         torch.manual_seed(0)  # the same student in every run
@@ -343,7 +368,8 @@ def main(argv=None):
     p.add_argument("--traj-fine-steps", type=int, default=25)
     p.add_argument("--skip-trajectories", action="store_true")
     p.add_argument("--skip-equivalence", action="store_true")
-    p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32")
+    p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
+                   "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), e.g. fp32+deterministic")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--comfyui", default=None)
@@ -381,16 +407,20 @@ def main(argv=None):
                 entry["profile"] = profile_training(patcher, tset, kind, args.warmup, args.rank,
                                                     args.profile.replace("{model}", kind))
             entry["training"] = {}
-            for variant in args.variants.split(","):
+            for variant in [v for v in args.variants.split(",") if v]:
                 r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)
                 entry["training"][variant] = r
                 print(f"[{kind}] {variant}: {r}", flush=True)
                 save()
             # last: a check that runs out of memory must not leave its memory to the measurements
-            for precision in [] if args.skip_equivalence else args.equivalence_precision.split(","):
-                key = "equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"
+            for item in [] if args.skip_equivalence else args.equivalence_precision.split(","):
+                precision, *options = item.split("+")
+                if set(options) - {"checkpointing", "deterministic"}:
+                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic")
+                key = "_".join(["equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"] + options)
                 reset_peak()
-                entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision)
+                with strict_kernels("deterministic" in options):
+                    entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options)
                 print(f"[{kind}] {key} {entry[key]}", flush=True)
                 save()
         del patcher

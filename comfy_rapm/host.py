@@ -462,7 +462,9 @@ class gradient_checkpointing:
                 def checkpointed(*args, _f=original, **kwargs):
                     if torch.is_grad_enabled():
                         extra = {"context_fn": self.context_fn} if self.context_fn else {}
-                        return cp.checkpoint(_f, *args, use_reentrant=False, **extra, **kwargs)
+                        # preserve_rng_state off: the UNet draws no random numbers, and reading the CUDA
+                        # RNG state is not allowed while a CUDA graph is captured
+                        return cp.checkpoint(_f, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
                     return _f(*args, **kwargs)
                 layer.forward = checkpointed
         return self

@@ -40,10 +40,10 @@ class Session:
                  graded_graphs: bool | None = None):
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
-        # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad
-        # are graphed too, except under gradient checkpointing (its recomputation stays eager).
+        # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
+        # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
         self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
-        self.graded_graphs = (self.cuda_graphs and not gradient_checkpointing) if graded_graphs is None else graded_graphs
+        self.graded_graphs = self.cuda_graphs if graded_graphs is None else graded_graphs
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not

@@ -7,7 +7,7 @@ from bench import perf
 def test_perf_script_runs_on_a_miniature(host, tmp_path):
     out = tmp_path / "perf.json"
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--traj-fine-steps", "2", "--rank", "4",
-                      "--equivalence-precision", "auto,fp32", "--out", str(out)]) == 0
+                      "--equivalence-precision", "auto,fp32+deterministic,auto+checkpointing", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert set(tiny["training"]) == {"default", "no_graded_graphs", "no_cuda_graphs", "checkpointing", "low_memory", "low_memory+checkpointing", "reference"}
@@ -15,8 +15,9 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
     assert tiny["trajectories"]["trajectories_per_min"] > 0
     assert tiny["equivalence_bf16"]["student"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU
     # (discriminator gradients are not compared here: a hinge at its kink flips with rounding on some draws)
-    assert tiny["equivalence_fp32"]["student"]["grad_rel_diff"] < 1e-4
+    assert tiny["equivalence_fp32_deterministic"]["student"]["grad_rel_diff"] < 1e-4
     # the graph-vs-eager comparison runs too (off CUDA both sides are eager through the graph wrapper)
     graphs = tiny["equivalence_bf16"]["cuda_graphs_vs_eager"]
     assert graphs["student_grad_rel_diff"] == 0 and graphs["discriminator_grad_rel_diff"] == 0 and graphs["graded"]
+    assert tiny["equivalence_bf16_checkpointing"]["student"]["grad_rel_diff"] < 1e-4
     assert report["command"].startswith("python bench/perf.py") and report["torch"]
