@@ -285,7 +285,10 @@ class RAPMTrain:
                 shown.update(result)
                 bar.update_absolute(k)
                 if k % 10 == 0 or k == iterations:
-                    bar.text(clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(shown.items()))))
+                    line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(shown.items())))
+                    if sess.cuda_graphs_off_reason:
+                        line += "\n" + sess.cuda_graphs_off_reason
+                    bar.text(line)
 
             trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types())
             return tr

@@ -113,6 +113,14 @@ def peak_reserved_gib() -> float:
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def device_used_gib() -> float:
+    """Memory in use on the whole device now (driver's view: this process with its CUDA context, and any other)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
 def reset_peak():
     gc.collect()  # a finished session's graphs and tensors, before the cache is emptied
     if torch.cuda.is_available():
@@ -199,8 +207,9 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         for _ in range(iterations):
             step(tr)
         sync()
+        used = device_used_gib()  # graphs and their pools still held: the driver's view, whatever the allocator
         graphs = sess.graphs
-        return (time.perf_counter() - t0) / iterations, {
+        return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used,
             "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,
                                                         "failed": graphs.failed, "graded": graphs.graded,
                                                         "busy": graphs.busy, "error": graphs.error}}
@@ -382,7 +391,7 @@ def main(argv=None):
     batches = [int(b) for b in args.traj_batch.split(",")] if args.traj_batch else [trajectories.DEFAULT_BATCH_SIZE]
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "card": card, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "card": card, "torch": torch.__version__, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "models": {}}
     def save():  # after every measurement, so a run cut short still leaves what it measured
         if args.out:

@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 _BUSY = object()
 
 
+def allocator_backend() -> str:
+    """The CUDA allocator PyTorch runs with: 'native', or 'cudaMallocAsync' (what ComfyUI's launcher picks by
+    default on CUDA builds of torch 2, unless started with --disable-cuda-malloc)."""
+    if not torch.cuda.is_available():
+        return "native"
+    return torch.cuda.memory.get_allocator_backend()
+
+
+def unsupported_reason() -> str | None:
+    """Why CUDA graphs must stay off in this process, or None. Under cudaMallocAsync the training's graph
+    captures crashed the process (segmentation fault, H100, torch 2.11: bench/NOTES.md)."""
+    backend = allocator_backend()
+    if backend != "native":
+        return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graph capture crashed in our tests; "
+                "training runs without CUDA graphs (2-3x slower). Start ComfyUI with --disable-cuda-malloc to use them.")
+    return None
+
+
 def _signature(value):
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)

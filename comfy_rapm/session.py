@@ -3,14 +3,17 @@ backbone taps, and a Trainer built inside ComfyUI's sampling context. Used by th
 the tests and the benchmarks, so all of them run the same code."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
-from . import host, lora as lora_mod, schedule, trainer
+from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, trainer
 from .discriminator import Discriminators
 from . import trajectories
 from .trajectories import TrajectorySet
+
+log = logging.getLogger(__name__)
 
 
 def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
@@ -44,6 +47,10 @@ class Session:
         # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
         self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
         self.graded_graphs = self.cuda_graphs if graded_graphs is None else graded_graphs
+        self.cuda_graphs_off_reason = cuda_graphs_mod.unsupported_reason() if self.cuda_graphs else None
+        if self.cuda_graphs_off_reason:
+            log.warning("RAPM: %s", self.cuda_graphs_off_reason)
+            self.cuda_graphs = self.graded_graphs = False
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not

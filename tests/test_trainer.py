@@ -257,3 +257,17 @@ def test_incompatible_trajectories_are_refused_before_training(host, tset):
     other = tiny_models.make_model_patcher("sd15", seed=11)
     with pytest.raises(ValueError, match="RAPMTrain: input 'trajectories'.*teacher weights"):
         _node_train(host, other, tset, "wrong_teacher", 2)
+
+
+def test_cuda_graphs_stay_off_under_the_cuda_malloc_async_allocator(teacher, tset, monkeypatch):
+    """ComfyUI's launcher picks cudaMallocAsync by default; graph capture crashed the process under it, so a
+    session turns graphs off there and says why (the node shows the reason on its progress line)."""
+    from comfy_rapm import cuda_graphs
+    assert session.Session(teacher, tset, _config()).cuda_graphs_off_reason is None  # native allocator: graphs on
+    monkeypatch.setattr(cuda_graphs, "allocator_backend", lambda: "cudaMallocAsync")
+    sess = session.Session(teacher, tset, _config())
+    assert not sess.cuda_graphs and not sess.graded_graphs
+    assert "cudaMallocAsync" in sess.cuda_graphs_off_reason and "--disable-cuda-malloc" in sess.cuda_graphs_off_reason
+    assert sess.run(lambda tr: sess.graphs) is None  # the session ran without the graph wrapper
+    low = session.Session(teacher, tset, _config(low_memory=True))  # off anyway: nothing to explain
+    assert low.cuda_graphs_off_reason is None and not low.cuda_graphs
