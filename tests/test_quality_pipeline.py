@@ -265,3 +265,35 @@ def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     assert [c["iteration"] for c in report["curve"]] == [2, 4]
     assert "rapm4_better_than_huber_only" in report["goals"]
     assert (out / "quality.md").is_file() and (out / "grids.png").is_file() and (out / "rapm4_lora.safetensors").is_file()
+
+
+def test_benchmark_driver_continues_across_calls(mods, mini, tmp_path):
+    """A run longer than one device call: a --train-only call, then a scoring call that resumes the runs from
+    their checkpoints in the same --work (the curve spans both calls), then a call that trains nothing more and
+    reads the teacher's rows from the cache instead of sampling them again."""
+    import json
+    import run_benchmark
+    work = tmp_path / "work"
+    common = ["--data", str(mini), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
+              "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
+              "--curve-every", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6", "--work", str(work),
+              "--runs", "rapm4,huber_only4", "--parallel", "--eval-reserve-seconds", "0"]
+    first = tmp_path / "first"
+    assert run_benchmark.main(common + ["--out", str(first), "--iterations", "2", "--train-only"]) == 0
+    trained = json.loads((first / "training.json").read_text())["training"]
+    assert trained["rapm4"]["iterations"] == 2 and not (first / "quality.json").exists()
+    assert not (work / "teacher_rows.json").exists()  # nothing scored in a training-only call
+    teacher = str(first / "teacher")  # later calls must use the same teacher
+    second = tmp_path / "second"
+    assert run_benchmark.main(common + ["--out", str(second), "--iterations", "4", "--teacher", teacher]) == 0
+    report = json.loads((second / "quality.json").read_text())
+    assert report["training"]["rapm4"]["iterations"] == 4 and report["training"]["rapm4"]["iterations_this_call"] == 2
+    assert [c["iteration"] for c in report["curve"]] == [2, 4]  # the first call's snapshot is on the curve
+    assert (work / "teacher_rows.json").exists()
+    third = tmp_path / "third"
+    assert run_benchmark.main(common + ["--out", str(third), "--iterations", "4", "--teacher", teacher]) == 0
+    again = json.loads((third / "quality.json").read_text())
+    assert again["training"]["rapm4"]["iterations_this_call"] == 0
+    reference = run_benchmark.REFERENCE
+    assert again["rows"][reference] == report["rows"][reference]  # read back from the cache
+    assert again["rows"]["RAPM 4-step"]["heldout"]["fd"] == pytest.approx(report["rows"]["RAPM 4-step"]["heldout"]["fd"])

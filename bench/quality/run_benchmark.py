@@ -76,13 +76,15 @@ def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, s
     return trajectories.TrajectorySet(folder)
 
 
-TRAINING_ARGUMENTS = ("iterations", "curve_points", "rank", "lr", "disc_lr")
+TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lr", "disc_lr")
 
 
 def add_training_arguments(ap: argparse.ArgumentParser) -> None:
     """The distillation settings (TRAINING_ARGUMENTS), for the driver and its --parallel workers."""
     ap.add_argument("--iterations", type=int, default=600, help="per distillation run (paper: 20K for SD1.5)")
     ap.add_argument("--curve-points", type=int, default=6)
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="iterations between FD-curve points (default: --iterations / --curve-points)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--disc-lr", type=float, default=1e-4)
@@ -102,14 +104,16 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
                             learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
                             seed=0, checkpoint_every=10**9)
     sess = session.Session(mp, tset, config)
-    chunk = max(2, args.iterations // args.curve_points) if run == "rapm4" or deadline is not None else args.iterations
+    every = args.curve_every or max(2, args.iterations // args.curve_points)
+    chunk = every if run == "rapm4" or deadline is not None else args.iterations
     run_dir = trainer.Run(folder, {"run": run})
     run_dir.open()
-    t0, done, loras = time.perf_counter(), 0, {}
+    start = checkpoint_iteration(folder)  # an earlier call's training in the same WORK folder continues
+    t0, done = time.perf_counter(), start
     while done < args.iterations and (deadline is None or time.time() < deadline):
-        size = chunk
-        if deadline is not None and done:  # the last chunk shrinks to end near the deadline, at the speed so far
-            size = min(chunk, int((deadline - time.time()) / ((time.perf_counter() - t0) / done)))
+        size = chunk - done % chunk  # chunks end on multiples of `chunk`, also after a resume
+        if deadline is not None and done > start:  # the last chunk shrinks to end near the deadline
+            size = min(size, int((deadline - time.time()) / ((time.perf_counter() - t0) / (done - start))))
             if size < 2:
                 break
         config.iterations = min(args.iterations, done + size)
@@ -119,11 +123,52 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
             trainer.train(tr, run_dir)
             return tr.iteration
         done = sess.run(fit)
-        loras[done] = str(folder / f"lora_{done}.safetensors")
-        save_file({k: v.contiguous() for k, v in sess.lora_weights({}).items()}, loras[done])
+        save_file({k: v.contiguous() for k, v in sess.lora_weights({}).items()}, folder / f"lora_{done}.safetensors")
     seconds = time.perf_counter() - t0
-    return {"iterations": done, "seconds": round(seconds, 1), "seconds_per_iteration": seconds / max(done, 1),
-            "loras": loras}
+    loras = {int(f.stem.split("_")[1]): str(f) for f in folder.glob("lora_*.safetensors")}
+    return {"iterations": done, "iterations_this_call": done - start, "seconds": round(seconds, 1),
+            "seconds_per_iteration": seconds / max(done - start, 1), "loras": loras}
+
+
+def teacher_rows(work: Path, mp, args, report, score, clock):
+    """The teacher's rows (100-, 4- and 2-step DDIM), scored once per WORK folder and teacher: a later call
+    reads them (metrics, grid lines, the 100-step images the students' paired distance is taken to)."""
+    from comfy_rapm import host
+    from safetensors.torch import load_file, save_file
+    key = {"fingerprint": host.model_info(mp)["fingerprint"], "eval_samples": args.eval_samples,
+           "reference_steps": args.reference_steps, "cfg": args.cfg, "data": str(args.data.resolve())}
+    meta, images_file = work / "teacher_rows.json", work / "teacher_rows.safetensors"
+    if meta.exists() and images_file.exists() and json.loads(meta.read_text())["key"] == key:
+        cached, tensors = json.loads(meta.read_text()), load_file(str(images_file))
+        report["rows"].update(cached["rows"])
+        clock.log(f"teacher rows from {meta} (FD held-out 100-step {cached['rows'][REFERENCE]['heldout']['fd']:.2f})")
+        return ([tensors[f"grid_{i}"] for i in range(len(cached["rows"]))],
+                {100: {name: tensors[f"reference_{name}"] for name in ("heldout", "train")}})
+    grids, teacher_images = [], {}
+    for row, steps, source in ROWS[:3]:
+        steps = args.reference_steps if row == REFERENCE else steps
+        metrics, images = score(mp, steps, args.cfg, reference=teacher_images.get(100))
+        if row == REFERENCE:
+            teacher_images[100] = images
+        report["rows"][row] = dict(metrics, steps=steps)
+        grids.append(images["heldout"][:16])
+        clock.log(f"{row}: FD held-out {metrics['heldout']['fd']:.2f}, train {metrics['train']['fd']:.2f}")
+    work.mkdir(parents=True, exist_ok=True)
+    tensors = {f"grid_{i}": g.clone() for i, g in enumerate(grids)}  # clones: slices share storage
+    tensors.update({f"reference_{name}": x.clone() for name, x in teacher_images[100].items()})
+    save_file(tensors, str(images_file))
+    meta.write_text(json.dumps({"key": key, "rows": {r: report["rows"][r] for r, _, _ in ROWS[:3]}}, default=float))
+    return grids, teacher_images
+
+
+def checkpoint_iteration(folder: Path) -> int:
+    """The iteration a run's checkpoint in `folder` holds (0 without one)."""
+    from safetensors import safe_open
+    path = folder / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["rapm_iteration"])
 
 
 def worker(argv) -> int:
@@ -197,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", action="store_true", help="train the runs at once, one process each")
     ap.add_argument("--eval-reserve-seconds", type=float, default=150,
                     help="with --parallel: training stops this long before the budget ends, for the scoring")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (resuming what --work holds) and stop: no teacher rows, no scoring. Calls of a run "
+                         "longer than one call: --train-only calls, then one without, all on the same --work")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
     clock = Clock(args.budget_seconds)
@@ -238,40 +286,36 @@ def main(argv=None) -> int:
     n_eval = args.eval_samples
     eval_sets = {"heldout": heldout_rows.repeat((n_eval + len(heldout_rows) - 1) // len(heldout_rows))[:n_eval],
                  "train": traj_rows.repeat((n_eval + len(traj_rows) - 1) // len(traj_rows))[:n_eval]}
-    all_feats = E.features(data["images"])
-    negative = T.empty_conditioning(data)
-    noise = T.make_noise(n_eval, seed=1234, shape=tuple(data["images"].shape[1:]))
-    prepared = {}
-    for name, rows in eval_sets.items():
-        prepared[name] = dict(rows=rows, cond=T.conditioning(data["hidden"][rows], data["attention_mask"][rows]),
-                              real=data["images"][rows], real_feats=all_feats[rows.numpy()],
-                              concepts=data["concept"][rows].numpy())
-    report["eval"] = {name: {"samples": int(len(p["rows"])), "distinct_prompts": int(len(torch.unique(p["rows"])))}
-                      for name, p in prepared.items()}
-    report["eval"]["real_heldout_vs_real_train_fd"] = E.frechet_distance(all_feats[train_rows.numpy()],
-                                                                         all_feats[heldout_rows.numpy()])
+    work = args.work or args.out / "work"
+    if args.train_only:  # a call that only trains: scoring happens in a later call on the same WORK folder
+        score = None
+    else:
+        all_feats = E.features(data["images"])
+        negative = T.empty_conditioning(data)
+        noise = T.make_noise(n_eval, seed=1234, shape=tuple(data["images"].shape[1:]))
+        prepared = {}
+        for name, rows in eval_sets.items():
+            prepared[name] = dict(rows=rows, cond=T.conditioning(data["hidden"][rows], data["attention_mask"][rows]),
+                                  real=data["images"][rows], real_feats=all_feats[rows.numpy()],
+                                  concepts=data["concept"][rows].numpy())
+        report["eval"] = {name: {"samples": int(len(p["rows"])), "distinct_prompts": int(len(torch.unique(p["rows"])))}
+                          for name, p in prepared.items()}
+        report["eval"]["real_heldout_vs_real_train_fd"] = E.frechet_distance(all_feats[train_rows.numpy()],
+                                                                             all_feats[heldout_rows.numpy()])
 
-    def score(model, steps, cfg, reference=None):
-        out, images = {}, {}
-        for name, p in prepared.items():
-            x = T.sample(model, p["cond"], negative, noise, T.trailing_sigmas(mp, steps), cfg, batch_size=1000)
-            gen = T.to_uint8(x)
-            images[name] = gen
-            out[name] = E.evaluate(gen, p["concepts"], p["real"], p["concepts"], real_feats=p["real_feats"],
-                                   retrieval_feats=all_feats, retrieval_concepts=data["concept"].numpy(),
-                                   reference_uint8=None if reference is None else reference[name])
-        return out, images
+        def score(model, steps, cfg, reference=None, sets=("heldout", "train")):
+            out, images = {}, {}
+            for name in sets:
+                p = prepared[name]
+                x = T.sample(model, p["cond"], negative, noise, T.trailing_sigmas(mp, steps), cfg, batch_size=1000)
+                gen = T.to_uint8(x)
+                images[name] = gen
+                out[name] = E.evaluate(gen, p["concepts"], p["real"], p["concepts"], real_feats=p["real_feats"],
+                                       retrieval_feats=all_feats, retrieval_concepts=data["concept"].numpy(),
+                                       reference_uint8=None if reference is None else reference[name])
+            return out, images
 
-    grids = []
-    teacher_images = {}
-    for row, steps, source in ROWS[:3]:
-        steps = args.reference_steps if row == REFERENCE else steps
-        metrics, images = score(mp, steps, args.cfg, reference=teacher_images.get(100))
-        if row == REFERENCE:
-            teacher_images[100] = images
-        report["rows"][row] = dict(metrics, steps=steps)
-        grids.append(images["heldout"][:16])
-        clock.log(f"{row}: FD held-out {metrics['heldout']['fd']:.2f}, train {metrics['train']['fd']:.2f}")
+        grids, teacher_images = teacher_rows(work, mp, args, report, score, clock)
 
     # 3. trajectories and distillation through the product's code
     sets = {}
@@ -281,10 +325,9 @@ def main(argv=None) -> int:
                                      args.fine_steps, args.cfg, batch_size=250)
         clock.log(f"{len(sets[steps])} trajectories N={steps} M={args.fine_steps} in {time.perf_counter() - t0:.0f}s")
 
-    work = args.work or args.out / "work"
     runs = args.runs.split(",")
     if args.parallel:
-        deadline = time.time() + clock.left() - args.eval_reserve_seconds
+        deadline = time.time() + clock.left() - (0 if args.train_only else args.eval_reserve_seconds)
         trained = train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock)
         report["skipped"] += [run for run in runs if run not in trained]
     else:
@@ -297,6 +340,12 @@ def main(argv=None) -> int:
             trained[run] = train_run(mp, sets[RUNS[run][0]], run, args, work / f"run_{run}")
             clock.log(f"{run}: {trained[run]['iterations']} iterations in {trained[run]['seconds']:.0f}s")
 
+    if args.train_only:
+        report["training"] = {run: {k: v for k, v in r.items() if k != "loras"} for run, r in trained.items()}
+        (args.out / "training.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        clock.log(f"trained only; wrote {args.out / 'training.json'}; score with a later call on the same --work")
+        return 0
+
     from safetensors.torch import load_file
     students = {}
     for run, result in trained.items():
@@ -308,9 +357,9 @@ def main(argv=None) -> int:
         students[run] = host.apply_lora(mp, load_file(loras[max(loras)]))
         if run == "rapm4":
             shutil.copyfile(loras[max(loras)], args.out / "rapm4_lora.safetensors")
-            for iteration in sorted(loras)[:-1]:
-                m, _ = score(host.apply_lora(mp, load_file(loras[iteration])), 4, 1.0)
-                report["curve"].append({"iteration": iteration, "fd_heldout": m["heldout"]["fd"], "fd_train": m["train"]["fd"]})
+            for iteration in sorted(loras)[:-1]:  # held-out prompts only: one FD per point keeps long curves cheap
+                m, _ = score(host.apply_lora(mp, load_file(loras[iteration])), 4, 1.0, sets=("heldout",))
+                report["curve"].append({"iteration": iteration, "fd_heldout": m["heldout"]["fd"]})
                 clock.log(f"  rapm4 @ {iteration}: FD held-out {m['heldout']['fd']:.2f}")
 
     for row, steps, source in ROWS[3:]:
