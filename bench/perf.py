@@ -381,17 +381,23 @@ def main(argv=None):
                    "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), e.g. fp32+deterministic")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
+    p.add_argument("--force-cuda-graphs", action="store_true",
+                   help="use CUDA graphs even where the product turns them off (a non-native allocator): to investigate")
     p.add_argument("--comfyui", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import_host(args.comfyui)
+    if args.force_cuda_graphs:
+        from comfy_rapm import cuda_graphs
+        cuda_graphs.unsupported_reason = lambda: None
     if args.resolution:
         RESOLUTION.update({k: args.resolution for k in RESOLUTION})
     from comfy_rapm import trajectories
     batches = [int(b) for b in args.traj_batch.split(",")] if args.traj_batch else [trajectories.DEFAULT_BATCH_SIZE]
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "card": card, "torch": torch.__version__, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "card": card, "torch": torch.__version__, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native"),
+              "forced_cuda_graphs": args.force_cuda_graphs, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "models": {}}
     def save():  # after every measurement, so a run cut short still leaves what it measured
         if args.out:
