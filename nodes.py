@@ -224,7 +224,7 @@ class RAPMTrain:
             "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
         }, "optional": {
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~5% more time (H100: SD1.5 0.25 s/it at 12.1 GiB instead of 0.24 s at 18.1 GiB; SDXL 0.75 s at 20.1 GiB instead of 0.70 s at 49 GiB). Turn off only with memory to spare."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~9% more time (H100: SD1.5 0.25 s/it at 12.1 GiB instead of 0.24 s at 18.1 GiB; SDXL 0.75 s at 20.1 GiB instead of 0.70 s at 49 GiB). Turn off only with memory to spare."}),
             "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, much slower. SD1.5 on a 12 GB card or SDXL on a 16 GB card: on, with gradient_checkpointing."}),
             "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
