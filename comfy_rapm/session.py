@@ -96,6 +96,8 @@ class Session:
                     return fn(tr)
                 finally:
                     self.graphs = None
+                    # a gradient may live in a graph's memory pool: the LoRA outlives the session, its pools must not
+                    lora.zero_grad(set_to_none=True)
 
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,
