@@ -37,7 +37,7 @@ def unsupported_reason() -> str | None:
     backend = allocator_backend()
     if backend != "native":
         return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graph capture crashed in our tests; "
-                "training runs without CUDA graphs (2-3x slower). Start ComfyUI with --disable-cuda-malloc to use them.")
+                "training runs without CUDA graphs (about 3x slower). Start ComfyUI with --disable-cuda-malloc to use them.")
     return None
 
 
@@ -91,15 +91,14 @@ def _outputs(value) -> tuple:
 
 
 class GraphedCalls:
-    """fn(*args, **kwargs) replayed from CUDA graphs per (argument shapes, grad mode, state()) when
-    `eligible()`; eager otherwise, and for good after a failed capture. fn returns a tensor or a
+    """fn(*args, **kwargs) replayed from CUDA graphs per (argument shapes, grad mode, state()) for CUDA
+    tensors; eager otherwise, and for good after a failed capture. fn returns a tensor or a
     tuple of tensors. With grad enabled, only when `graded` and something needs a gradient (a tensor
     input, or `parameters()` when it returns a module); a failed capture with grad turns `graded` off."""
 
-    def __init__(self, fn: Callable, eligible: Callable[[], bool] = lambda: True,
-                 state: Callable[[], object] = lambda: None, warmup: int = 2, graded: bool = False,
-                 parameters: Callable[[], torch.nn.Module | None] = lambda: None):
-        self.fn, self.eligible, self.state, self.warmup = fn, eligible, state, warmup
+    def __init__(self, fn: Callable, state: Callable[[], object] = lambda: None, warmup: int = 2,
+                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None):
+        self.fn, self.state, self.warmup = fn, state, warmup
         self.graded, self.parameters = graded, parameters
         self.graphs: dict = {}
         self.pool = None
@@ -111,7 +110,7 @@ class GraphedCalls:
 
     def __call__(self, *args, **kwargs):
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        if self.failed or not self.enabled or not tensors or not all(t.is_cuda for t in tensors) or not self.eligible():
+        if self.failed or not self.enabled or not tensors or not all(t.is_cuda for t in tensors):
             return self.fn(*args, **kwargs)
         grad = torch.is_grad_enabled()
         owner = self.parameters() if grad else None
@@ -122,8 +121,7 @@ class GraphedCalls:
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                capture = self._capture_graded if grad else self._capture
-                entry = self.graphs[key] = capture(args, kwargs, owner)
+                entry = self.graphs[key] = self._capture_graded(args, kwargs, owner) if grad else self._capture(args, kwargs)
             except Exception as error:  # the pass does something a graph cannot hold: stay eager
                 self.error = f"{type(error).__name__}: {error}"
                 if grad:  # the no-grad graphs stay
@@ -144,7 +142,7 @@ class GraphedCalls:
         self.replays += 1
         return result
 
-    def _capture(self, args, kwargs, owner):
+    def _capture(self, args, kwargs):
         slots = TensorSlots(args, kwargs)
         static = tuple(t.clone() for t in slots.tensors(args, kwargs))
         side = torch.cuda.Stream()

@@ -366,6 +366,12 @@ class Run:
             trainer.history = history
         return True
 
+    def saved_iteration(self) -> int:
+        """The iteration the checkpoint holds (0 without one)."""
+        if not self.checkpoint.exists():
+            return 0
+        return int(storage.read_safetensors_metadata(self.checkpoint)["rapm_iteration"])
+
     def save(self, trainer: Trainer) -> None:
         tensors = trainer.state_tensors()
         iteration = trainer.iteration

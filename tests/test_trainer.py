@@ -222,6 +222,8 @@ def test_cancel_writes_a_checkpoint_and_resuming_is_bit_exact(host, teacher, tse
         assert {"rng", "iteration"} <= set(f.keys())
         assert any(k.startswith("opt.student.") for k in f.keys()) and any(k.startswith("opt.disc.") for k in f.keys())
         assert any(k.startswith("disc.relative.") for k in f.keys()) and any(k.startswith("disc.absolute.") for k in f.keys())
+    assert trainer.Run(folder, {}).saved_iteration() == 5
+    assert trainer.Run(os.path.join(folder, "missing"), {}).saved_iteration() == 0
 
     _, resumed, loss_b = _node_train(host, teacher, tset, "cancelled", 8)
     assert resumed.keys() == uninterrupted.keys()

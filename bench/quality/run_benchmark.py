@@ -91,12 +91,13 @@ def add_training_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = None) -> dict:
-    """One distillation run through the product's Session + trainer, in chunks of iterations/curve_points
-    for the rapm4 curve or a deadline, else in one (each chunk resumes from the run's checkpoint, the same
-    path as a resumed RAPMTrain node), writing the student LoRA after every chunk as
-    folder/lora_<iteration>.safetensors (the FD curve is scored from these afterwards: sampling another
-    patcher of the same model inside the training context would unload it). Stops starting chunks after
-    `deadline` (time.time()). Returns {iterations, seconds, loras}."""
+    """One distillation run through the product's Session + trainer, continuing from the checkpoint `folder`
+    holds (an earlier call's), in chunks of --curve-every (default iterations/curve_points) for the rapm4 curve
+    or a deadline, else in one (each chunk resumes from the run's checkpoint, the same path as a resumed
+    RAPMTrain node), writing the student LoRA after every chunk as folder/lora_<iteration>.safetensors (the
+    FD curve is scored from these afterwards: sampling another patcher of the same model inside the training
+    context would unload it). Stops starting chunks after `deadline` (time.time()). Returns {iterations,
+    iterations_this_call, seconds, seconds_per_iteration (this call's), loras (every file in folder)}."""
     from safetensors.torch import save_file
     from comfy_rapm import session, trainer
     steps, mode = RUNS[run]
@@ -108,7 +109,7 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
     chunk = every if run == "rapm4" or deadline is not None else args.iterations
     run_dir = trainer.Run(folder, {"run": run})
     run_dir.open()
-    start = checkpoint_iteration(folder)  # an earlier call's training in the same WORK folder continues
+    start = run_dir.saved_iteration()  # an earlier call's training in the same WORK folder continues
     t0, done = time.perf_counter(), start
     while done < args.iterations and (deadline is None or time.time() < deadline):
         size = chunk - done % chunk  # chunks end on multiples of `chunk`, also after a resume
@@ -138,8 +139,9 @@ def teacher_rows(work: Path, mp, args, report, score, clock):
     key = {"fingerprint": host.model_info(mp)["fingerprint"], "eval_samples": args.eval_samples,
            "reference_steps": args.reference_steps, "cfg": args.cfg, "data": str(args.data.resolve())}
     meta, images_file = work / "teacher_rows.json", work / "teacher_rows.safetensors"
-    if meta.exists() and images_file.exists() and json.loads(meta.read_text())["key"] == key:
-        cached, tensors = json.loads(meta.read_text()), load_file(str(images_file))
+    cached = json.loads(meta.read_text()) if meta.exists() and images_file.exists() else {}
+    if cached.get("key") == key:
+        tensors = load_file(str(images_file))
         report["rows"].update(cached["rows"])
         clock.log(f"teacher rows from {meta} (FD held-out 100-step {cached['rows'][REFERENCE]['heldout']['fd']:.2f})")
         return ([tensors[f"grid_{i}"] for i in range(len(cached["rows"]))],
@@ -159,16 +161,6 @@ def teacher_rows(work: Path, mp, args, report, score, clock):
     save_file(tensors, str(images_file))
     meta.write_text(json.dumps({"key": key, "rows": {r: report["rows"][r] for r, _, _ in ROWS[:3]}}, default=float))
     return grids, teacher_images
-
-
-def checkpoint_iteration(folder: Path) -> int:
-    """The iteration a run's checkpoint in `folder` holds (0 without one)."""
-    from safetensors import safe_open
-    path = folder / "checkpoint.safetensors"
-    if not path.exists():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        return int(f.metadata()["rapm_iteration"])
 
 
 def worker(argv) -> int:
