@@ -286,8 +286,8 @@ class RAPMTrain:
                 bar.update_absolute(k)
                 if k % 10 == 0 or k == iterations:
                     line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(shown.items())))
-                    if sess.cuda_graphs_off_reason:
-                        line += "\n" + sess.cuda_graphs_off_reason
+                    if sess.student_graphs_off_reason:
+                        line += "\n" + sess.student_graphs_off_reason
                     bar.text(line)
 
             trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types())

@@ -389,7 +389,7 @@ def main(argv=None):
     import_host(args.comfyui)
     if args.force_cuda_graphs:
         from comfy_rapm import cuda_graphs
-        cuda_graphs.unsupported_reason = lambda: None
+        cuda_graphs.parameter_graphs_unsupported_reason = lambda: None
     if args.resolution:
         RESOLUTION.update({k: args.resolution for k in RESOLUTION})
     from comfy_rapm import trajectories

@@ -31,13 +31,16 @@ def allocator_backend() -> str:
     return torch.cuda.memory.get_allocator_backend()
 
 
-def unsupported_reason() -> str | None:
-    """Why CUDA graphs must stay off in this process, or None. Under cudaMallocAsync the training's graph
-    captures crashed the process (segmentation fault, H100, torch 2.11: bench/NOTES.md)."""
+def parameter_graphs_unsupported_reason() -> str | None:
+    """Why passes with grad for `parameters()` (the student's, through the LoRA) must not be graphed in this
+    process, or None. Under cudaMallocAsync (H100, torch 2.11, bench/NOTES.md) the training crashed in a backward
+    graph's replay when both the student's and the discriminator backbone's passes with grad were graphed; with
+    either alone, or only the no-grad passes, it ran and matched eager passes. The product keeps the backbone's."""
     backend = allocator_backend()
     if backend != "native":
-        return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graph capture crashed in our tests; "
-                "training runs without CUDA graphs (about 3x slower). Start ComfyUI with --disable-cuda-malloc to use them.")
+        return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graphs of the student's passes with grad "
+                "crashed in our tests; those passes run without CUDA graphs (up to about 1.7x slower). Start ComfyUI "
+                "with --disable-cuda-malloc for full speed.")
     return None
 
 
@@ -94,12 +97,14 @@ class GraphedCalls:
     """fn(*args, **kwargs) replayed from CUDA graphs per (argument shapes, grad mode, state()) for CUDA
     tensors; eager otherwise, and for good after a failed capture. fn returns a tensor or a
     tuple of tensors. With grad enabled, only when `graded` and something needs a gradient (a tensor
-    input, or `parameters()` when it returns a module); a failed capture with grad turns `graded` off."""
+    input, or `parameters()` when it returns a module; the latter only with `graded_parameters`); a failed
+    capture with grad turns `graded` off."""
 
     def __init__(self, fn: Callable, state: Callable[[], object] = lambda: None, warmup: int = 2,
-                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None):
+                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None,
+                 graded_parameters: bool = True):
         self.fn, self.state, self.warmup = fn, state, warmup
-        self.graded, self.parameters = graded, parameters
+        self.graded, self.parameters, self.graded_parameters = graded, parameters, graded_parameters
         self.graphs: dict = {}
         self.pool = None
         self.failed = False
@@ -115,6 +120,8 @@ class GraphedCalls:
         grad = torch.is_grad_enabled()
         owner = self.parameters() if grad else None
         if grad and not (self.graded and (owner is not None or any(t.requires_grad for t in tensors))):
+            return self.fn(*args, **kwargs)
+        if grad and owner is not None and not self.graded_parameters:
             return self.fn(*args, **kwargs)
         key = (grad, tuple(_signature(a) for a in args), tuple((k, _signature(v)) for k, v in sorted(kwargs.items())),
                self.state())

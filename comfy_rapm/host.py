@@ -405,10 +405,11 @@ class FeatureTap:
 
 @contextlib.contextmanager
 def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: FeatureTap | None = None,
-                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None):
+                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None,
+                 graded_parameters: bool = True):
     """While inside: the diffusion model's passes on CUDA replay CUDA graphs (see cuda_graphs.py),
     tapped backbone passes included; with `graded`, also the passes with grad (their gradients reach
-    the inputs and `parameters()`). Yields the GraphedCalls (None when not enabled). Off CUDA the
+    the inputs and, with `graded_parameters`, `parameters()`). Yields the GraphedCalls (None when not enabled). Off CUDA the
     passes run eagerly through the same wrapper."""
     from .cuda_graphs import GraphedCalls
     unet = model.model.diffusion_model
@@ -422,7 +423,8 @@ def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: Feature
     def pass_(*args, **kwargs):
         return tap.forward_to_features(forward, *args, **kwargs) if tapping() else forward(*args, **kwargs)
 
-    graphed = GraphedCalls(pass_, state=lambda: (state(), tapping()), graded=graded, parameters=parameters)
+    graphed = GraphedCalls(pass_, state=lambda: (state(), tapping()), graded=graded, parameters=parameters,
+                           graded_parameters=graded_parameters)
 
     def graphed_forward(*args, **kwargs):
         out = graphed(*args, **kwargs)

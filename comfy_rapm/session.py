@@ -47,10 +47,10 @@ class Session:
         # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
         self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
         self.graded_graphs = self.cuda_graphs if graded_graphs is None else graded_graphs
-        self.cuda_graphs_off_reason = cuda_graphs_mod.unsupported_reason() if self.cuda_graphs else None
-        if self.cuda_graphs_off_reason:
-            log.warning("RAPM: %s", self.cuda_graphs_off_reason)
-            self.cuda_graphs = self.graded_graphs = False
+        self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if self.graded_graphs else None
+        self.student_graphs = self.graded_graphs and self.student_graphs_off_reason is None
+        if self.student_graphs_off_reason:
+            log.warning("RAPM: %s", self.student_graphs_off_reason)
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
@@ -89,7 +89,7 @@ class Session:
                 features, device)
             with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
                     host.graphed_unet(self.student, self.cuda_graphs, lambda: lora.enabled, tap, self.graded_graphs,
-                                      lambda: lora if lora.enabled else None) as graphs, \
+                                      lambda: lora if lora.enabled else None, self.student_graphs) as graphs, \
                     host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
                 self.graphs = graphs
                 try:

@@ -261,15 +261,20 @@ def test_incompatible_trajectories_are_refused_before_training(host, tset):
         _node_train(host, other, tset, "wrong_teacher", 2)
 
 
-def test_cuda_graphs_stay_off_under_the_cuda_malloc_async_allocator(teacher, tset, monkeypatch):
-    """ComfyUI's launcher picks cudaMallocAsync by default; graph capture crashed the process under it, so a
-    session turns graphs off there and says why (the node shows the reason on its progress line)."""
+def test_student_graded_graphs_stay_off_under_the_cuda_malloc_async_allocator(teacher, tset, monkeypatch):
+    """ComfyUI's launcher picks cudaMallocAsync by default; with the student's and the backbone's passes with grad
+    both graphed the process crashed under it (each alone ran), so a session keeps the no-grad and the backbone's
+    graphs there, runs the student's passes with grad eagerly and says why (on the node's progress line too)."""
     from comfy_rapm import cuda_graphs
-    assert session.Session(teacher, tset, _config()).cuda_graphs_off_reason is None  # native allocator: graphs on
+    native = session.Session(teacher, tset, _config())
+    assert native.student_graphs_off_reason is None and native.cuda_graphs and native.graded_graphs and native.student_graphs
+    graphs = native.run(lambda tr: native.graphs)
+    assert graphs.graded and graphs.graded_parameters
     monkeypatch.setattr(cuda_graphs, "allocator_backend", lambda: "cudaMallocAsync")
     sess = session.Session(teacher, tset, _config())
-    assert not sess.cuda_graphs and not sess.graded_graphs
-    assert "cudaMallocAsync" in sess.cuda_graphs_off_reason and "--disable-cuda-malloc" in sess.cuda_graphs_off_reason
-    assert sess.run(lambda tr: sess.graphs) is None  # the session ran without the graph wrapper
+    assert sess.cuda_graphs and sess.graded_graphs and not sess.student_graphs
+    assert "cudaMallocAsync" in sess.student_graphs_off_reason and "--disable-cuda-malloc" in sess.student_graphs_off_reason
+    graphs = sess.run(lambda tr: sess.graphs)
+    assert graphs is not None and graphs.graded and not graphs.graded_parameters
     low = session.Session(teacher, tset, _config(low_memory=True))  # off anyway: nothing to explain
-    assert low.cuda_graphs_off_reason is None and not low.cuda_graphs
+    assert low.student_graphs_off_reason is None and not low.cuda_graphs
