@@ -8,8 +8,10 @@ otherwise, and checks replayed results against eager ones on the same inputs:
 
 Cases: `nograd` (torch.cuda.graph with a pool handle, as GraphedCalls' no-grad capture), `graded`
 (torch.cuda.make_graphed_callables with parameters), `graded_two` (two graded callables chained, as
-the student's pass feeding the discriminator backbone), and `product_nograd` / `product_graded`
-(comfy_rapm.cuda_graphs.GraphedCalls itself on a small conv net)."""
+the student's pass feeding the discriminator backbone; `graded_two_interleaved`: the second one captured
+after the first one's forward replay and before its backward, as in the trainer's first student step),
+`product_nograd` / `product_graded` (comfy_rapm.cuda_graphs.GraphedCalls itself on a small conv net) and
+`product_graded_two` (two GraphedCalls chained, the first owning parameters, the second not: the trainer's pair)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ["nograd", "graded", "graded_two", "product_nograd", "product_graded"]
+CASES = ["nograd", "graded", "graded_two", "graded_two_interleaved", "product_nograd", "product_graded",
+         "product_graded_two"]
 
 
 def _net(torch, channels=64):
@@ -61,6 +64,23 @@ def run_case(case: str) -> dict:
                 worst = max(worst, _relative(got, net(x)))
         del out, graph
         torch.cuda.empty_cache()
+    elif case == "graded_two_interleaved":
+        second = _net(torch)
+        g1 = torch.cuda.make_graphed_callables(net, (inputs[0].clone().requires_grad_(True),), num_warmup_iters=2)
+        g2 = None
+        for x in inputs * 3:
+            for m in (net, second):
+                m.zero_grad(set_to_none=True)
+            y = g1(x.clone().requires_grad_(True))
+            if g2 is None:  # captured while the first graph's forward awaits its backward
+                g2 = torch.cuda.make_graphed_callables(second, (y.detach().clone().requires_grad_(True),), num_warmup_iters=2)
+            g2(y).square().mean().backward()
+            got = [p.grad.clone() for m in (net, second) for p in m.parameters()]
+            for m in (net, second):
+                m.zero_grad(set_to_none=True)
+            second(net(x.clone().requires_grad_(True))).square().mean().backward()
+            want = [p.grad for m in (net, second) for p in m.parameters()]
+            worst = max(worst, max(_relative(g, w) for g, w in zip(got, want)))
     elif case in ("graded", "graded_two"):
         second = _net(torch) if case == "graded_two" else None
         sample = inputs[0].clone().requires_grad_(True)
@@ -101,6 +121,27 @@ def run_case(case: str) -> dict:
                     worst = max(worst, _relative(calls(x), net(x)))
         if calls.error or not calls.replays:
             raise RuntimeError(f"GraphedCalls did not replay: {calls.error}")
+    elif case == "product_graded_two":
+        from comfy_rapm.cuda_graphs import GraphedCalls
+        second = _net(torch).requires_grad_(False)  # frozen, like the backbone: gradients to its input only
+        mode = {"student": True}  # one wrapper for both, switched by state, as host.graphed_unet does
+        calls = GraphedCalls(lambda x: net(x) if mode["student"] else second(x), state=lambda: mode["student"],
+                             graded=True, parameters=lambda: net if mode["student"] else None)
+
+        def chain(x):
+            mode["student"] = True
+            y = calls(x)
+            mode["student"] = False
+            return calls(y)
+        for x in inputs * 3:
+            net.zero_grad(set_to_none=True)
+            chain(x).square().mean().backward()
+            got = [p.grad.clone() for p in net.parameters()]
+            net.zero_grad(set_to_none=True)
+            second(net(x)).square().mean().backward()
+            worst = max(worst, max(_relative(g, p.grad) for g, p in zip(got, net.parameters())))
+        if calls.error or len(calls.graphs) != 2 or not calls.replays:
+            raise RuntimeError(f"GraphedCalls did not replay both: {calls.error}")
     torch.cuda.synchronize()
     return {"max_relative_error": worst, "allocator": torch.cuda.memory.get_allocator_backend()}
 
