@@ -198,12 +198,14 @@ class Trainer:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
             self.student_opt.step()
+            self.student_opt.zero_grad(set_to_none=True)  # not kept through the other side's turn: memory
             for key in ("loss", "huber", "generator"):
                 self.history[key].append(result[key])
         else:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), cfg.grad_clip)
             self.disc_opt.step()
+            self.disc_opt.zero_grad(set_to_none=True)  # the heads' gradients: 1.2 GiB for SD1.5
             self.history["discriminator"].append(result["discriminator"])
         self.iteration += 1
         return result

@@ -44,10 +44,12 @@ def test_discriminator_steps_touch_only_discriminators_and_student_steps_only_th
         tr.run_iteration()  # k = 0: discriminators
         assert not any(_changed(lora0, tr.lora))
         assert all(_changed(disc0, tr.discriminators))
+        assert all(p.grad is None for p in tr.discriminators.parameters())  # not held through the student's turn
         lora1, disc1 = _params(tr.lora), _params(tr.discriminators)
         tr.run_iteration()  # k = 1: student
         assert not any(_changed(disc1, tr.discriminators))
         assert any(_changed(lora1, tr.lora))
+        assert all(p.grad is None for p in tr.lora.parameters())
         assert all(p.grad is None for p in teacher.model.parameters())  # no gradient reaches base weights
         assert all(torch.equal(a, b) for a, b in zip(base, teacher.model.parameters()))
     sess.run(check)
