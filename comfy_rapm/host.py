@@ -409,8 +409,8 @@ def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: Feature
                  graded_parameters: bool = True):
     """While inside: the diffusion model's passes on CUDA replay CUDA graphs (see cuda_graphs.py),
     tapped backbone passes included; with `graded`, also the passes with grad (their gradients reach
-    the inputs and, with `graded_parameters`, `parameters()`). Yields the GraphedCalls (None when not enabled). Off CUDA the
-    passes run eagerly through the same wrapper."""
+    the inputs and, with `graded_parameters`, `parameters()`). Yields the GraphedCalls (None when not
+    enabled). Off CUDA the passes run eagerly through the same wrapper."""
     from .cuda_graphs import GraphedCalls
     unet = model.model.diffusion_model
     if not enabled:
