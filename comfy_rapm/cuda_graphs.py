@@ -35,7 +35,7 @@ def parameter_graphs_unsupported_reason() -> str | None:
     """Why passes with grad for `parameters()` (the student's, through the LoRA) must not be graphed in this
     process, or None. Under cudaMallocAsync (H100, torch 2.11, bench/NOTES.md) the training crashed in a backward
     graph's replay when both the student's and the discriminator backbone's passes with grad were graphed; with
-    either alone, or only the no-grad passes, it ran and matched eager passes. The product keeps the backbone's."""
+    either alone it ran, and with the backbone's alone (what the product keeps) it matched eager passes."""
     backend = allocator_backend()
     if backend != "native":
         return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graphs of the student's passes with grad "
