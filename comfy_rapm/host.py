@@ -196,9 +196,14 @@ def model_info(model, latent_shape=None) -> dict:
 
 
 def unet_state_fingerprint(model, max_tensors: int = 64) -> str:
-    """A cheap fingerprint of the base weights (shapes + a few values of evenly spaced tensors)."""
+    """A cheap fingerprint of the base weights (shapes + a few values of evenly spaced tensors). A clone
+    that sampled last may have left its LoRA merged into the weights all clones share; ComfyUI keeps the
+    originals in the patcher's `backup` (shared by clones) until it restores them, so read those."""
     import hashlib
     sd = model.model.diffusion_model.state_dict()
+    for key, saved in (getattr(model, "backup", None) or {}).items():
+        if key.startswith("diffusion_model.") and key[len("diffusion_model."):] in sd:
+            sd[key[len("diffusion_model."):]] = saved.weight
     keys = sorted(sd)
     h = hashlib.sha256()
     for k in keys:

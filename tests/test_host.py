@@ -146,3 +146,25 @@ def test_sdxl_style_conditioning_with_pooled_output_and_size(host):
     torch.testing.assert_close(both[1:], second, rtol=1e-4, atol=1e-5)
     assert (changed - first).abs().max() > 1e-5  # the pooled output reaches the model
     assert (resized - first).abs().max() > 1e-5  # so does the size conditioning
+
+
+def test_the_teacher_fingerprint_ignores_a_lora_another_patcher_left_merged_in_the_shared_weights(host, tmp_path):
+    """ComfyUI merges a LoRA into the weights every clone shares when that clone samples, and restores them
+    only when another patcher loads: the fingerprint must still be the base model's (trajectory sets and
+    LoRAs are matched to their teacher by it)."""
+    from comfy_rapm import host as h
+    model, pos, neg = _load_checkpoint_like_the_executor(host, tmp_path)
+    before = h.unet_state_fingerprint(model)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        teacher_before = _denoise_once(model, pos, neg, x, torch.tensor([1.0]), 1.0)
+    with torch.inference_mode(False):
+        adapters = lora_mod.LoRA(h.weight_modules(model), rank=4, alpha=4, seed=0)
+        for layer in adapters.layers:
+            torch.nn.init.normal_(layer.up, std=0.05)
+    with torch.inference_mode():
+        _denoise_once(h.apply_lora(model, adapters.comfy_state_dict(torch.float32)), pos, neg, x, torch.tensor([1.0]), 1.0)
+    assert model.backup, "the LoRA is not merged in place: this test no longer checks anything"
+    assert h.unet_state_fingerprint(model) == before
+    with torch.inference_mode():  # and sampling the base model again restores its weights (ComfyUI does that)
+        torch.testing.assert_close(_denoise_once(model, pos, neg, x, torch.tensor([1.0]), 1.0), teacher_before)

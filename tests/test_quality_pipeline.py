@@ -297,3 +297,36 @@ def test_benchmark_driver_continues_across_calls(mods, mini, tmp_path):
     reference = run_benchmark.REFERENCE
     assert again["rows"][reference] == report["rows"][reference]  # read back from the cache
     assert again["rows"]["RAPM 4-step"]["heldout"]["fd"] == pytest.approx(report["rows"]["RAPM 4-step"]["heldout"]["fd"])
+
+
+def test_trajectory_fit_miniature(mods, mini, tmp_path):
+    """bench/quality/trajectory_fit.py: with one fine step per slot the trajectories are the teacher's own
+    N-step DDIM, so its chain and its steps must fit them exactly; a student LoRA must not; the three sets
+    have different noise."""
+    import trajectory_fit
+    from safetensors.torch import save_file
+    from comfy_rapm import host, lora as lora_mod
+    T = mods["teacher"]
+    mp = _perturbed_tiny(T)
+    T.save_teacher(mp, tmp_path / "teacher")
+    with torch.inference_mode(False):
+        adapters = lora_mod.LoRA(host.weight_modules(mp), rank=2, alpha=2, seed=0)
+        for layer in adapters.layers:
+            torch.nn.init.normal_(layer.up, std=0.05)
+        save_file(adapters.comfy_state_dict(torch.float32), str(tmp_path / "student.safetensors"))
+    out = tmp_path / "fit.json"
+    assert trajectory_fit.main(["--data", str(mini), "--teacher", str(tmp_path / "teacher"), "--cpu",
+                                "--lora", f"student={tmp_path / 'student.safetensors'}", "--work", str(tmp_path / "w"),
+                                "--out", str(out), "--count", "3", "--steps", "2", "--fine-steps", "1",
+                                "--batch-size", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["sets"]) == ["seen", "new_noise", "heldout"]
+    for s in report["sets"].values():
+        assert s["count"] == 3 and s["timesteps"][0] == 999
+        teacher, student = s["models"]["teacher 2-step DDIM"], s["models"]["student"]
+        assert max(teacher["chain_rmse"] + teacher["step_rmse"]) < 1e-5 and teacher["end_rmse_uint8"] < 0.01
+        assert len(student["chain_rmse"]) == 2 and min(student["chain_rmse"]) > 1e-3
+        assert student["step_rmse"][0] == pytest.approx(student["chain_rmse"][0])  # both start at z̃_N
+    from comfy_rapm.trajectories import TrajectorySet
+    first = {name: TrajectorySet(tmp_path / "w" / f"{name}_N2").load()[0].positions[0] for name in report["sets"]}
+    assert not torch.equal(first["seen"], first["new_noise"])

@@ -76,6 +76,12 @@ def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, s
     return trajectories.TrajectorySet(folder)
 
 
+def shuffled_train_rows(split: torch.Tensor) -> torch.Tensor:
+    """The training rows in a fixed random order: the first --trajectories of them are the trajectory prompts."""
+    rows = torch.nonzero(split == 0).flatten()
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+
+
 TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lr", "disc_lr")
 
 
@@ -270,9 +276,7 @@ def main(argv=None) -> int:
     clock.log(f"teacher ready: {report['teacher']['parameters'] / 1e6:.2f}M parameters")
 
     # 2. prompts: trajectories from training rows; evaluation on held-out and on training rows
-    g = torch.Generator().manual_seed(0)
-    train_rows = torch.nonzero(split == 0).flatten()
-    train_rows = train_rows[torch.randperm(len(train_rows), generator=g)]
+    train_rows = shuffled_train_rows(split)
     traj_rows = train_rows[:args.trajectories]
     heldout_rows = torch.nonzero(split > 0).flatten()
     n_eval = args.eval_samples
