@@ -290,10 +290,15 @@ def test_benchmark_driver_continues_across_calls(mods, mini, tmp_path):
     assert report["training"]["rapm4"]["iterations"] == 4 and report["training"]["rapm4"]["iterations_this_call"] == 2
     assert [c["iteration"] for c in report["curve"]] == [2, 4]  # the first call's snapshot is on the curve
     assert (work / "teacher_rows.json").exists()
+    points = work / "curve_points.json"  # FD-curve points are scored once per LoRA file: marked, then read back
+    cached = json.loads(points.read_text())
+    assert list(cached.values()) == [report["curve"][0]["fd_heldout"]]
+    points.write_text(json.dumps({k: 12345.0 for k in cached}))
     third = tmp_path / "third"
     assert run_benchmark.main(common + ["--out", str(third), "--iterations", "4", "--teacher", teacher]) == 0
     again = json.loads((third / "quality.json").read_text())
     assert again["training"]["rapm4"]["iterations_this_call"] == 0
+    assert [c["fd_heldout"] for c in again["curve"]][0] == 12345.0
     reference = run_benchmark.REFERENCE
     assert again["rows"][reference] == report["rows"][reference]  # read back from the cache
     assert again["rows"]["RAPM 4-step"]["heldout"]["fd"] == pytest.approx(report["rows"]["RAPM 4-step"]["heldout"]["fd"])

@@ -137,13 +137,18 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
             "seconds_per_iteration": seconds / max(done - start, 1), "loras": loras}
 
 
+def eval_key(mp, args) -> dict:
+    """What scores cached in WORK depend on besides the sampled model's own weights."""
+    from comfy_rapm import host
+    return {"fingerprint": host.model_info(mp)["fingerprint"], "eval_samples": args.eval_samples,
+            "reference_steps": args.reference_steps, "cfg": args.cfg, "data": str(args.data.resolve())}
+
+
 def teacher_rows(work: Path, mp, args, report, score, clock):
     """The teacher's rows (100-, 4- and 2-step DDIM), scored once per WORK folder and teacher: a later call
     reads them (metrics, grid lines, the 100-step images the students' paired distance is taken to)."""
-    from comfy_rapm import host
     from safetensors.torch import load_file, save_file
-    key = {"fingerprint": host.model_info(mp)["fingerprint"], "eval_samples": args.eval_samples,
-           "reference_steps": args.reference_steps, "cfg": args.cfg, "data": str(args.data.resolve())}
+    key = eval_key(mp, args)
     meta, images_file = work / "teacher_rows.json", work / "teacher_rows.safetensors"
     cached = json.loads(meta.read_text()) if meta.exists() and images_file.exists() else {}
     if cached.get("key") == key:
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
     from dataset import load_dataset
     use_cuda = torch.cuda.is_available() and not args.cpu
     T.comfy_init(cpu=not use_cuda)
-    from comfy_rapm import host
+    from comfy_rapm import host, storage
 
     data = load_dataset(args.data)
     split = data["split"]
@@ -353,10 +358,17 @@ def main(argv=None) -> int:
         students[run] = host.apply_lora(mp, load_file(loras[max(loras)]))
         if run == "rapm4":
             shutil.copyfile(loras[max(loras)], args.out / "rapm4_lora.safetensors")
+            cache_file = work / "curve_points.json"  # a later scoring call on the same WORK scores only new points
+            cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+            settings = eval_key(mp, args)
             for iteration in sorted(loras)[:-1]:  # held-out prompts only: one FD per point keeps long curves cheap
-                m, _ = score(host.apply_lora(mp, load_file(loras[iteration])), 4, 1.0, sets=("heldout",))
-                report["curve"].append({"iteration": iteration, "fd_heldout": m["heldout"]["fd"]})
-                clock.log(f"  rapm4 @ {iteration}: FD held-out {m['heldout']['fd']:.2f}")
+                key = json.dumps([settings, storage.sha256_file(loras[iteration])])
+                if key not in cache:
+                    m, _ = score(host.apply_lora(mp, load_file(loras[iteration])), 4, 1.0, sets=("heldout",))
+                    cache[key] = m["heldout"]["fd"]
+                    storage.write_json(cache_file, cache)
+                report["curve"].append({"iteration": iteration, "fd_heldout": cache[key]})
+                clock.log(f"  rapm4 @ {iteration}: FD held-out {cache[key]:.2f}")
 
     for row, steps, source in ROWS[3:]:
         if source not in students:
