@@ -255,7 +255,8 @@ def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     assert run_benchmark.main([
         "--data", str(mini), "--out", str(out), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
         "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
-        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6"]
+        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--lora-alpha", "0.5",
+        "--reference-steps", "6"]
         + (["--parallel", "--eval-reserve-seconds", "0"] if parallel else [])) == 0
     report = json.loads((out / "quality.json").read_text())
     assert set(report["rows"]) == {r[0] for r in run_benchmark.ROWS}
@@ -265,6 +266,19 @@ def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     assert [c["iteration"] for c in report["curve"]] == [2, 4]
     assert "rapm4_better_than_huber_only" in report["goals"]
     assert (out / "quality.md").is_file() and (out / "grids.png").is_file() and (out / "rapm4_lora.safetensors").is_file()
+    from safetensors.torch import load_file
+    alphas = {float(v) for k, v in load_file(str(out / "rapm4_lora.safetensors")).items() if k.endswith(".alpha")}
+    assert alphas == {0.5}  # --lora-alpha reached the training (also through the --parallel workers)
+
+
+def test_trajectory_rows_repeat_prompts_past_one_per_prompt():
+    import run_benchmark
+    split = torch.tensor([0, 1, 0, 0, 2, 0, 0])  # five training rows
+    one = run_benchmark.trajectory_rows(split, 3)
+    assert one.tolist() == run_benchmark.shuffled_train_rows(split)[:3].tolist()
+    many = run_benchmark.trajectory_rows(split, 12)
+    assert len(many) == 12 and sorted(many[:5].tolist()) == [0, 2, 3, 5, 6]
+    assert many[5:10].tolist() == many[:5].tolist() and many[10:].tolist() == many[:2].tolist()
 
 
 def test_benchmark_driver_continues_across_calls(mods, mini, tmp_path):

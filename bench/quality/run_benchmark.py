@@ -82,7 +82,14 @@ def shuffled_train_rows(split: torch.Tensor) -> torch.Tensor:
     return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
 
 
-TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lr", "disc_lr")
+def trajectory_rows(split: torch.Tensor, count: int) -> torch.Tensor:
+    """The prompts (dataset rows) of a trajectory set of `count`: the shuffled training rows, then past one per
+    prompt the same rows again in the same order (each trajectory has its own seed, so new noise)."""
+    rows = shuffled_train_rows(split)
+    return rows.repeat(-(-count // len(rows)))[:count]
+
+
+TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lora_alpha", "lr", "disc_lr")
 
 
 def add_training_arguments(ap: argparse.ArgumentParser) -> None:
@@ -92,6 +99,7 @@ def add_training_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--curve-every", type=int, default=0,
                     help="iterations between FD-curve points (default: --iterations / --curve-points)")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1); PCM: rank 64, alpha 8")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--disc-lr", type=float, default=1e-4)
 
@@ -107,7 +115,7 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
     from safetensors.torch import save_file
     from comfy_rapm import session, trainer
     steps, mode = RUNS[run]
-    config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank),
+    config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank if args.lora_alpha is None else args.lora_alpha),
                             learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
                             seed=0, checkpoint_every=10**9)
     sess = session.Session(mp, tset, config)
@@ -205,7 +213,8 @@ def train_in_parallel(runs, teacher_dir, sets, args, work, deadline, clock) -> d
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--teacher", str(teacher_dir),
                "--trajectories-dir", str(sets[RUNS[run][0]].folder), "--folder", str(folder), "--deadline", str(deadline)]
-        cmd += [a for name in TRAINING_ARGUMENTS for a in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+        cmd += [a for name in TRAINING_ARGUMENTS if getattr(args, name) is not None
+                for a in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
         cmd += ["--cpu"] if args.cpu else []
         log = open(folder / "worker.log", "w")
         procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")), log)
@@ -234,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-minutes", type=float, default=2.0)
     ap.add_argument("--teacher-config", default='{"num_res_blocks": 1}', help="≤ 20 MB in fp16, the demo's size limit")
     ap.add_argument("--teacher-batch-size", type=int, default=1024)
-    ap.add_argument("--trajectories", type=int, default=1000)
+    ap.add_argument("--trajectories", type=int, default=1000,
+                    help="trajectories per set; more than the 4,839 training prompts repeats them with new noise")
     ap.add_argument("--fine-steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.0)
     add_training_arguments(ap)
@@ -282,7 +292,7 @@ def main(argv=None) -> int:
 
     # 2. prompts: trajectories from training rows; evaluation on held-out and on training rows
     train_rows = shuffled_train_rows(split)
-    traj_rows = train_rows[:args.trajectories]
+    traj_rows = trajectory_rows(split, args.trajectories)
     heldout_rows = torch.nonzero(split > 0).flatten()
     n_eval = args.eval_samples
     eval_sets = {"heldout": heldout_rows.repeat((n_eval + len(heldout_rows) - 1) // len(heldout_rows))[:n_eval],

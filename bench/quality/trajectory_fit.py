@@ -106,12 +106,12 @@ def main(argv=None) -> int:
     use_cuda = torch.cuda.is_available() and not args.cpu
     T.comfy_init(cpu=not use_cuda)
     from comfy_rapm import host
-    from run_benchmark import shuffled_train_rows, trajectory_set
+    from run_benchmark import trajectory_rows, trajectory_set
     from safetensors.torch import load_file
 
     data = load_dataset(args.data)
     mp, _ = T.load_teacher(args.teacher)
-    train = shuffled_train_rows(data["split"])[:args.count]
+    train = trajectory_rows(data["split"], args.count)
     heldout = torch.nonzero(data["split"] > 0).flatten()[:args.count]
     negative = T.empty_conditioning(data)
     sets = {}
