@@ -115,7 +115,8 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
     from safetensors.torch import save_file
     from comfy_rapm import session, trainer
     steps, mode = RUNS[run]
-    config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=float(args.rank if args.lora_alpha is None else args.lora_alpha),
+    alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+    config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=alpha,
                             learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
                             seed=0, checkpoint_every=10**9)
     sess = session.Session(mp, tset, config)
