@@ -10,7 +10,8 @@ teacher's positions at all.
         --lora rapm4=WORK/run_rapm4/lora_18699.safetensors --work /tmp/fit --out fit.json
 
 For each set (`seen`: the first --count training trajectories, seeds 0…, exactly those of
-run_benchmark.py's N=4 set; `new_noise`: the same prompts, other seeds; `heldout`: held-out prompts)
+run_benchmark.py's N=4 set; `new_noise`: the same prompts, other seeds; `heldout`: up to --count held-out
+prompts, 825 in the full set)
 and each model (the teacher's own N-step DDIM with the trajectories' CFG, then every --lora at CFG 1):
 
 - `chain_rmse[k]`: the model's own N-step chain from z̃_N vs the teacher's position at knot k
