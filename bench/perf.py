@@ -187,14 +187,15 @@ def reference_iteration(tr):
 def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     from comfy_rapm import session
     parts = set(variant.split("+"))  # default, or options joined by '+'
-    unknown = parts - {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference"}
+    unknown = parts - {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1"}
     if unknown:
         raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
     reset_peak()
     sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, "low_memory" in parts, rank),
                            precision="auto", gradient_checkpointing="checkpointing" in parts,
                            cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
-                           graded_graphs=False if "no_graded_graphs" in parts else None)
+                           graded_graphs=False if "no_graded_graphs" in parts else None,
+                           discriminator_kernel=1 if "heads1x1" in parts else None)
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):

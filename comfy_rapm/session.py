@@ -40,8 +40,11 @@ def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
                  gradient_checkpointing: bool = False, cuda_graphs: bool | None = None,
-                 graded_graphs: bool | None = None):
+                 graded_graphs: bool | None = None, discriminator_kernel: int | None = None):
+        """`discriminator_kernel`: the heads' conv size; None = PCM's (3 SD1.5-like, 1 SDXL-like). Benchmarks only:
+        a run's checkpoint holds heads of one size."""
         self.model, self.set, self.config = model, trajectory_set, config
+        self.discriminator_kernel = discriminator_kernel
         self.gradient_checkpointing = gradient_checkpointing
         # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
         # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
@@ -81,7 +84,7 @@ class Session:
                     sigma = schedule.sigma_at(denoiser.model_sampling, [self.set.timesteps[1]]).to(device)
                     probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
                 lora.set_enabled(True)
-                discriminators = Discriminators([f.shape[1] for f in probe], kernel=1 if self.sdxl else 3,
+                discriminators = Discriminators([f.shape[1] for f in probe], kernel=self.discriminator_kernel or (1 if self.sdxl else 3),
                                                 seed=config.seed).to(device).set_compute_dtype(self.dtype)
             tr = trainer.Trainer(
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),

@@ -21,3 +21,10 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
     assert graphs["student_grad_rel_diff"] == 0 and graphs["discriminator_grad_rel_diff"] == 0 and graphs["graded"]
     assert tiny["equivalence_bf16_checkpointing"]["student"]["grad_rel_diff"] < 1e-4
     assert report["command"].startswith("python bench/perf.py") and report["torch"]
+
+
+def test_perf_variant_with_1x1_discriminator_heads(host, tmp_path):
+    out = tmp_path / "perf.json"
+    assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
+                      "--skip-equivalence", "--variants", "checkpointing+heads1x1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["models"]["tiny"]["training"]["checkpointing+heads1x1"]["seconds_per_iteration"] > 0

@@ -255,7 +255,7 @@ def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     assert run_benchmark.main([
         "--data", str(mini), "--out", str(out), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
         "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
-        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--lora-alpha", "0.5",
+        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--lora-alpha", "0.5", "--disc-kernel", "1",
         "--reference-steps", "6"]
         + (["--parallel", "--eval-reserve-seconds", "0"] if parallel else [])) == 0
     report = json.loads((out / "quality.json").read_text())
@@ -269,6 +269,9 @@ def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
     from safetensors.torch import load_file
     alphas = {float(v) for k, v in load_file(str(out / "rapm4_lora.safetensors")).items() if k.endswith(".alpha")}
     assert alphas == {0.5}  # --lora-alpha reached the training (also through the --parallel workers)
+    state = load_file(str(out / "work" / "run_rapm4" / "checkpoint.safetensors"))
+    heads = {tuple(v.shape[2:]) for k, v in state.items() if "block1.0.weight" in k}
+    assert heads == {(1, 1)}  # --disc-kernel 1 reached the discriminators
 
 
 def test_trajectory_rows_repeat_prompts_past_one_per_prompt():

@@ -55,6 +55,16 @@ def test_discriminator_steps_touch_only_discriminators_and_student_steps_only_th
     sess.run(check)
 
 
+@pytest.mark.parametrize("kernel", [None, 1])
+def test_discriminator_heads_are_pcms_unless_a_benchmark_asks_for_another_size(teacher, tset, kernel):
+    sess = session.Session(teacher, tset, _config(), discriminator_kernel=kernel)
+
+    def sizes(tr):
+        tr.run_iteration()  # the heads train at that size
+        return {m.kernel_size for m in tr.discriminators.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels > 1}
+    assert sess.run(sizes) == {(3, 3) if kernel is None else (1, 1)}  # 3×3 for an SD1.5-like model (PCM)
+
+
 def test_relative_target_starts_from_the_stored_teacher_position(teacher, tset):
     sess = session.Session(teacher, tset, _config())
 

@@ -89,7 +89,7 @@ def trajectory_rows(split: torch.Tensor, count: int) -> torch.Tensor:
     return rows.repeat(-(-count // len(rows)))[:count]
 
 
-TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lora_alpha", "lr", "disc_lr")
+TRAINING_ARGUMENTS = ("iterations", "curve_points", "curve_every", "rank", "lora_alpha", "lr", "disc_lr", "disc_kernel")
 
 
 def add_training_arguments(ap: argparse.ArgumentParser) -> None:
@@ -102,6 +102,8 @@ def add_training_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1); PCM: rank 64, alpha 8")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--disc-lr", type=float, default=1e-4)
+    ap.add_argument("--disc-kernel", type=int, default=None, choices=(1, 3),
+                    help="the discriminator heads' conv size (default: PCM's, 3 for this SD1.5-like model)")
 
 
 def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = None) -> dict:
@@ -119,7 +121,7 @@ def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = N
     config = trainer.Config(iterations=args.iterations, lora_rank=args.rank, lora_alpha=alpha,
                             learning_rate=args.lr, discriminator_learning_rate=args.disc_lr, delta=20, mode=mode,
                             seed=0, checkpoint_every=10**9)
-    sess = session.Session(mp, tset, config)
+    sess = session.Session(mp, tset, config, discriminator_kernel=args.disc_kernel)
     every = args.curve_every or max(2, args.iterations // args.curve_points)
     chunk = every if run == "rapm4" or deadline is not None else args.iterations
     run_dir = trainer.Run(folder, {"run": run})
