@@ -202,8 +202,9 @@ def unet_state_fingerprint(model, max_tensors: int = 64) -> str:
     import hashlib
     sd = model.model.diffusion_model.state_dict()
     for key, saved in (getattr(model, "backup", None) or {}).items():
-        if key.startswith("diffusion_model.") and key[len("diffusion_model."):] in sd:
-            sd[key[len("diffusion_model."):]] = saved.weight
+        name = key.removeprefix("diffusion_model.")
+        if name != key and name in sd:
+            sd[name] = saved.weight
     keys = sorted(sd)
     h = hashlib.sha256()
     for k in keys:

@@ -44,7 +44,6 @@ class Session:
         """`discriminator_kernel`: the heads' conv size; None = PCM's (3 SD1.5-like, 1 SDXL-like). Benchmarks only:
         a run's checkpoint holds heads of one size."""
         self.model, self.set, self.config = model, trajectory_set, config
-        self.discriminator_kernel = discriminator_kernel
         self.gradient_checkpointing = gradient_checkpointing
         # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
         # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
@@ -56,6 +55,7 @@ class Session:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
+        self.discriminator_kernel = discriminator_kernel or (1 if self.sdxl else 3)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
@@ -84,7 +84,7 @@ class Session:
                     sigma = schedule.sigma_at(denoiser.model_sampling, [self.set.timesteps[1]]).to(device)
                     probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
                 lora.set_enabled(True)
-                discriminators = Discriminators([f.shape[1] for f in probe], kernel=self.discriminator_kernel or (1 if self.sdxl else 3),
+                discriminators = Discriminators([f.shape[1] for f in probe], kernel=self.discriminator_kernel,
                                                 seed=config.seed).to(device).set_compute_dtype(self.dtype)
             tr = trainer.Trainer(
                 config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),

@@ -40,10 +40,6 @@ for p in (str(HERE), str(REPO)):
 import torch  # noqa: E402
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1).sqrt().mean())
-
-
 def walk(model, positive, negative, positions: torch.Tensor, timesteps: list[int], cfg: float):
     """(chain, steps), each (B, N, C, H, W) VP: the model's chain from positions[:, 0], and one step from
     each of the teacher's positions positions[:, k] to the next knot."""
@@ -81,6 +77,8 @@ def fit(model, positive, negative, positions, timesteps, cfg) -> dict:
 
     def image(z):
         return T.to_uint8(schedule.from_vp(z, sigma_end, ms))
+    def rmse(a, b):  # VP positions in [-1, 1] → pixel units in [0, 1]
+        return E.paired_distance(a / 2, b / 2)["rmse"]
     return {"chain_rmse": [rmse(chain[:, k], target[:, k]) for k in range(target.shape[1])],
             "step_rmse": [rmse(steps[:, k], target[:, k]) for k in range(target.shape[1])],
             "end_rmse_uint8": float(E.paired_distance(image(chain[:, -1]), image(target[:, -1]))["rmse"])}
