@@ -196,6 +196,7 @@ class RAPMLoadTrajectories:
 
 
 RUN_FOLDER = "rapm_runs"
+DISCRIMINATOR_HEADS = {"auto": None, "3x3": 3, "1x1": 1}  # the heads' conv size; None = PCM's for the model
 BASE_MODEL_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}
 
 
@@ -225,8 +226,9 @@ class RAPMTrain:
         }, "optional": {
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~9% more time (H100: SD1.5 0.25 s/it at 12.1 GiB instead of 0.24 s at 18.1 GiB; SDXL 0.75 s at 20.1 GiB instead of 0.70 s at 49 GiB). Turn off only with memory to spare."}),
-            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, much slower. SD1.5 on a 12 GB card or SDXL on a 16 GB card: on, with gradient_checkpointing."}),
+            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, much slower (SD1.5 ~5x). SDXL on a 16 GB card: on, with gradient_checkpointing. SD1.5 on a 12 GB card: try discriminator_heads 1x1 first."}),
             "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."}),
+            "discriminator_heads": (list(DISCRIMINATOR_HEADS), {"tooltip": "The discriminator heads' convolutions. auto = PCM's: 3x3 for SD1.5-like models, 1x1 for SDXL-like. 1x1 on SD1.5 needs 3.7 GiB less (H100 with gradient_checkpointing: 8.8 GiB reserved instead of 12.5, 0.25 s/it), so it fits a 12 GB card without low_memory; the emoji benchmark measured no quality cost (README)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP")
@@ -237,7 +239,8 @@ class RAPMTrain:
 
     def train(self, model, trajectories, iterations, lora_rank, lora_alpha, learning_rate, discriminator_learning_rate,
               delta, absolute_weight, huber_c, adversarial_weight, mode, seed, checkpoint_every, name,
-              weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto", unique_id=None):
+              weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto",
+              discriminator_heads="auto", unique_id=None):
         node = "RAPMTrain"
         try:
             name = storage.check_name(name, "name")
@@ -260,9 +263,15 @@ class RAPMTrain:
             config.weights(trajectories.steps)
         except ValueError as e:
             raise NodeInputError(node, "absolute_weight", str(e)) from None
+        if discriminator_heads not in DISCRIMINATOR_HEADS:
+            raise NodeInputError(node, "discriminator_heads", f"'{discriminator_heads}' is not one of {', '.join(DISCRIMINATOR_HEADS)}")
+        kernel = DISCRIMINATOR_HEADS[discriminator_heads] or session.pcm_discriminator_kernel(sdxl)
         folder = os.path.join(host.output_directory(), RUN_FOLDER, name)
-        run = trainer.Run(folder, {"config": config.resume_key(), "trajectories": trajectories.fingerprint(),
-                                   "teacher": info["fingerprint"], "precision": precision})
+        identity = {"config": config.resume_key(), "trajectories": trajectories.fingerprint(),
+                    "teacher": info["fingerprint"], "precision": precision}
+        if kernel != session.pcm_discriminator_kernel(sdxl):
+            identity["discriminator_kernel"] = kernel  # absent = PCM's size: runs from before the input still resume
+        run = trainer.Run(folder, identity)
         try:
             run.open()
         except ValueError as e:
@@ -272,7 +281,7 @@ class RAPMTrain:
             host.training_dtype(model, precision)
         except ValueError as e:
             raise NodeInputError(node, "precision", str(e)) from None
-        sess = session.Session(model, trajectories, config, precision, gradient_checkpointing)
+        sess = session.Session(model, trajectories, config, precision, gradient_checkpointing, discriminator_kernel=kernel)
         bar = host.Progress(iterations, unique_id)
 
         def fit(tr):
@@ -301,8 +310,13 @@ class RAPMTrain:
                                "with the same name to resume from that checkpoint.") from None
         except Exception as e:
             if host.is_oom(e):
-                fix = "turn on low_memory" if gradient_checkpointing else "turn on gradient_checkpointing (then also low_memory)"
-                if low_memory and gradient_checkpointing:
+                if not gradient_checkpointing:
+                    fix = "turn on gradient_checkpointing"
+                elif kernel != 1 and config.uses_gan:
+                    fix = "set discriminator_heads to 1x1" + ("" if low_memory else " (then also turn on low_memory)")
+                elif not low_memory:
+                    fix = "turn on low_memory"
+                else:
                     fix = "lower lora_rank or use a card with more memory"
                 raise RuntimeError(f"{node}: out of GPU memory. Fix: {fix}; rerun with the same name to resume from the "
                                    "last checkpoint.") from None

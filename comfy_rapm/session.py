@@ -37,12 +37,17 @@ def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list
     return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
 
 
+def pcm_discriminator_kernel(sdxl: bool) -> int:
+    """PCM's discriminator heads: 3x3 convolutions for SD1.5-like models, 1x1 for SDXL-like ones."""
+    return 1 if sdxl else 3
+
+
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
                  gradient_checkpointing: bool = False, cuda_graphs: bool | None = None,
                  graded_graphs: bool | None = None, discriminator_kernel: int | None = None):
-        """`discriminator_kernel`: the heads' conv size; None = PCM's (3 SD1.5-like, 1 SDXL-like). Benchmarks only:
-        a run's checkpoint holds heads of one size."""
+        """`discriminator_kernel`: the heads' conv size; None = PCM's (pcm_discriminator_kernel). A run's checkpoint
+        holds heads of one size."""
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
         # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
@@ -55,7 +60,7 @@ class Session:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
         self.graphs = None
         self.sdxl = host.is_sdxl_like(model)
-        self.discriminator_kernel = discriminator_kernel or (1 if self.sdxl else 3)
+        self.discriminator_kernel = discriminator_kernel or pcm_discriminator_kernel(self.sdxl)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)

@@ -79,7 +79,7 @@ def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, tea
 SD15_NOTE = """RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: arXiv 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
 
 1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6. Rerun to resume; output/rapm_trajectories/<name>/.
-2. RAPM Train: 20,000 iterations at batch 1 (PCM's settings: LoRA rank 64 alpha 8, lr 5e-6, wd 1e-3, discriminator lr 1e-5, Δ auto = 20, adversarial weight 0.1). Checkpoints to output/rapm_runs/<name>/; rerun with the same name to resume. Defaults (gradient_checkpointing on): 0.25 s/iteration, 12.1 GiB peak (H100); with it off 0.24 s at 18.1 GiB; for a 12 GB card also turn on low_memory (2.0 s at 10.2 GiB). These speeds need ComfyUI started with --disable-cuda-malloc (without it the student's passes with grad run without CUDA graphs: up to ~1.7× slower, and the node says so).
+2. RAPM Train: 20,000 iterations at batch 1 (PCM's settings: LoRA rank 64 alpha 8, lr 5e-6, wd 1e-3, discriminator lr 1e-5, Δ auto = 20, adversarial weight 0.1). Checkpoints to output/rapm_runs/<name>/; rerun with the same name to resume. Defaults (gradient_checkpointing on): 0.25 s/iteration, 12.1 GiB peak (H100); with it off 0.24 s at 18.1 GiB; for a 12 GB card set discriminator_heads to 1x1 (0.25 s at 8.8 GiB; no quality cost measured on the emoji benchmark), or as a last resort also turn on low_memory (slow). These speeds need ComfyUI started with --disable-cuda-malloc (without it the student's passes with grad run without CUDA graphs: up to ~1.7× slower, and the node says so).
 3. LoRA Save writes models/loras/rapm/<name>.safetensors; any workflow can use it with a LoRA loader and KSampler: sampler euler, scheduler simple, 4 steps, cfg 1.
 4. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed."""
 
@@ -97,17 +97,20 @@ WORKFLOWS = {
     "rapm_sd15.json": pipeline(
         "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 16,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
-             checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto"),
+             checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto",
+             discriminator_heads="auto"),
         100, "sd15_rapm", SD15_NOTE),
     "rapm_sdxl.json": pipeline(
         "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 8,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
-             checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto"),
+             checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto",
+             discriminator_heads="auto"),
         100, "sdxl_rapm", SDXL_NOTE),
     "rapm_demo.json": pipeline(
         None, 32, DEMO_PROMPTS, 8, 5, 3.0, 4,
         dict(iterations=40, lora_rank=8, lora_alpha=8.0, learning_rate=1e-4, discriminator_learning_rate=1e-4,
-             checkpoint_every=20, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto"),
+             checkpoint_every=20, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto",
+             discriminator_heads="auto"),
         20, "demo", DEMO_NOTE, sample_prompt="grinning face, twitter style", latent_size=256),
 }
 

@@ -1,5 +1,6 @@
 """RAPMTrain: the semantics of Alg. 2, checkpoints and resume, on tiny models on the real host."""
 import os
+import sys
 
 import pytest
 import torch
@@ -248,6 +249,49 @@ def test_other_settings_under_an_existing_run_name_are_refused(host, teacher, ts
     _node_train(host, teacher, tset, "settled", 1)
     with pytest.raises(ValueError, match="RAPMTrain: input 'name'.*learning_rate"):
         _node_train(host, teacher, tset, "settled", 1, learning_rate=5e-4)
+
+
+def test_discriminator_heads_input_reaches_the_checkpoint_and_is_part_of_the_run(host, teacher, tset):
+    import folder_paths
+    from safetensors import safe_open
+    _node_train(host, teacher, tset, "small_heads", 2, discriminator_heads="1x1")
+    folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", "small_heads")
+    with safe_open(os.path.join(folder, "checkpoint.safetensors"), "pt") as f:
+        convs = {tuple(f.get_slice(k).get_shape()[2:]) for k in f.keys()
+                 if k.startswith("disc.") and k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 4}
+    assert convs == {(1, 1)}
+    with pytest.raises(ValueError, match="RAPMTrain: input 'name'.*discriminator_kernel"):
+        _node_train(host, teacher, tset, "small_heads", 2)  # auto = 3x3 for this SD1.5-like model
+    _node_train(host, teacher, tset, "pcm_heads", 1)
+    _node_train(host, teacher, tset, "pcm_heads", 2, discriminator_heads="3x3")  # the same run: resumes
+    with pytest.raises(ValueError, match="RAPMTrain: input 'discriminator_heads'.*2x2"):
+        _node_train(host, teacher, tset, "bad_heads", 1, discriminator_heads="2x2")
+
+
+@pytest.mark.parametrize("settings, fix", [
+    (dict(gradient_checkpointing=False), "turn on gradient_checkpointing"),
+    (dict(), "set discriminator_heads to 1x1 \\(then also turn on low_memory\\)"),
+    (dict(discriminator_heads="1x1"), "turn on low_memory"),
+    (dict(discriminator_heads="1x1", low_memory=True), "lower lora_rank"),
+])
+def test_out_of_memory_names_the_next_memory_setting_and_keeps_the_checkpoint(host, teacher, tset, monkeypatch,
+                                                                               settings, fix):
+    import comfy.model_management
+    import folder_paths
+    name = "oom_" + "_".join(f"{k}{v}" for k, v in settings.items())
+    _node_train(host, teacher, tset, name, 3, **settings)
+    node_trainer = sys.modules[host.NODE_CLASS_MAPPINGS["RAPMTrain"].__module__].trainer  # the host's import of it
+    real_iteration = node_trainer.Trainer.run_iteration
+
+    def out_of_memory(self):
+        if self.iteration == 4:
+            raise comfy.model_management.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_iteration(self)
+    monkeypatch.setattr(node_trainer.Trainer, "run_iteration", out_of_memory)
+    with pytest.raises(RuntimeError, match=f"RAPMTrain: out of GPU memory. Fix: {fix}.*resume"):
+        _node_train(host, teacher, tset, name, 6, **settings)
+    folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", name)
+    assert trainer.Run(folder, {}).saved_iteration() == 3
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(teacher, tset, tmp_path):
