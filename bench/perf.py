@@ -394,7 +394,7 @@ def main(argv=None):
     if args.resolution:
         RESOLUTION.update({k: args.resolution for k in RESOLUTION})
     from comfy_rapm import trajectories
-    batches = [int(b) for b in args.traj_batch.split(",")] if args.traj_batch else [trajectories.DEFAULT_BATCH_SIZE]
+    chosen = [int(b) for b in args.traj_batch.split(",")] if args.traj_batch else []
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "card": card, "torch": torch.__version__, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native"),
@@ -412,6 +412,8 @@ def main(argv=None):
         entry.update(unet_parameters=count, unet_dtype=str(dtype), resolution=RESOLUTION[kind], steps=4)
         print(f"[{kind}] built {count / 1e6:.0f}M params {dtype} in {time.perf_counter() - t0:.1f}s", flush=True)
         if not args.skip_trajectories:
+            latent = RESOLUTION[kind] // 8
+            batches = chosen or [trajectories.default_batch_size((latent, latent))]
             for batch in batches:
                 key = "trajectories" if batch == batches[0] else f"trajectories_batch_{batch}"
                 entry[key] = measure_trajectories(patcher, kind, batch, 4, args.traj_fine_steps)

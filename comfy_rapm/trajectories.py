@@ -25,7 +25,16 @@ from . import schedule, solver, storage
 FORMAT = "rapm-trajectories"
 FORMAT_VERSION = 1
 SAMPLER_VERSION = 1  # bump when the numbers a given set of inputs produces change
-DEFAULT_BATCH_SIZE = 16  # SD1.5 at 512 px, CFG: 3.7 GiB peak, 9% faster than 8 (bench/results/perf.json)
+# 32 SD1.5 512-px trajectories at once: 6.3 GiB reserved, 4% faster than 16; SDXL 1024 px at 8 (7.4 GiB) is as fast as
+# at 16 (9.9 GiB) (bench/results/perf.json)
+AUTO_BATCH_LATENT_PIXELS = 32 * 64 * 64
+
+
+def default_batch_size(latent_shape) -> int:
+    """What batch size 0 (auto) means: 32 at SD1.5's 64×64 latents, fewer in proportion to the latent area
+    (SDXL's 128×128: 8), at least 1 and at most 32."""
+    height, width = latent_shape[-2:]
+    return max(1, min(32, AUTO_BATCH_LATENT_PIXELS // (height * width)))
 
 
 def parse_prompts(text: str) -> list[str]:

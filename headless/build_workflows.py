@@ -78,14 +78,14 @@ def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, tea
 
 SD15_NOTE = """RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: arXiv 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
 
-1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6. Rerun to resume; output/rapm_trajectories/<name>/.
+1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6, batch_size 0 = auto (32 here: 10 min on an H100 at 6.3 GiB; lower it if the teacher runs out of memory). Rerun to resume; output/rapm_trajectories/<name>/.
 2. RAPM Train: 20,000 iterations at batch 1 (PCM's settings: LoRA rank 64 alpha 8, lr 5e-6, wd 1e-3, discriminator lr 1e-5, Δ auto = 20, adversarial weight 0.1). Checkpoints to output/rapm_runs/<name>/; rerun with the same name to resume. Defaults (gradient_checkpointing on): 0.25 s/iteration, 12.1 GiB peak (H100); with it off 0.24 s at 18.1 GiB; for a 12 GB card set discriminator_heads to 1x1 (0.25 s at 8.8 GiB; no quality cost measured on the emoji benchmark), or as a last resort also turn on low_memory (slow). These speeds need ComfyUI started with --disable-cuda-malloc (without it the student's passes with grad run without CUDA graphs: up to ~1.7× slower, and the node says so).
 3. LoRA Save writes models/loras/rapm/<name>.safetensors; any workflow can use it with a LoRA loader and KSampler: sampler euler, scheduler simple, 4 steps, cfg 1.
 4. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed."""
 
 SDXL_NOTE = """RAPM distillation of SDXL into a 4-step LoRA.
 
-Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories.
+Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories (batch_size 0 = auto: 8 here, 7.4 GiB).
 For a 24 GB card keep gradient_checkpointing on (measured on an H100: 0.75 s/iteration at 20.1 GiB peak; without it 0.70 s at 49 GiB). For a 16 GB card also turn on low_memory (3.0 s at 12.4 GiB). Start ComfyUI with --disable-cuda-malloc for these speeds (without it part of the training runs without CUDA graphs). See the README.
 Use the LoRA anywhere with a LoRA loader and KSampler: euler, simple, 4 steps, cfg 1."""
 
@@ -95,13 +95,13 @@ The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step stu
 
 WORKFLOWS = {
     "rapm_sd15.json": pipeline(
-        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 16,
+        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 0,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto",
              discriminator_heads="auto"),
         100, "sd15_rapm", SD15_NOTE),
     "rapm_sdxl.json": pipeline(
-        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 8,
+        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 0,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto",
              discriminator_heads="auto"),

@@ -99,6 +99,44 @@ def test_an_interrupted_run_resumes_to_identical_files(host, teacher, monkeypatc
     assert resumed.manifest["shards"] == full.manifest["shards"]
 
 
+def test_batch_size_auto_scales_with_the_latent_area(host, teacher):
+    from comfy_rapm import trajectories
+    assert trajectories.default_batch_size((4, 64, 64)) == 32  # SD1.5 at 512 px
+    assert trajectories.default_batch_size((4, 128, 128)) == 8  # SDXL at 1024 px
+    assert trajectories.default_batch_size((4, 96, 96)) == 14
+    assert trajectories.default_batch_size((4, 8, 8)) == 32 and trajectories.default_batch_size((4, 512, 512)) == 1
+    model, clip, _ = teacher
+    tset = _generate(host, model, clip, "auto_batch", count=3, batch_size=0)  # 64 px: 8×8 latents
+    assert tset.manifest["inputs"]["batch_size"] == 32 and len(tset.manifest["shards"]) == 1
+
+
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_out_of_memory_says_what_to_change_and_keeps_what_was_stored(host, teacher, monkeypatch, fail_at):
+    import sys
+    import comfy.model_management
+    model, clip, _ = teacher
+    node_session = sys.modules[host.NODE_CLASS_MAPPINGS["RAPMTeacherTrajectory"].__module__].session
+    real, calls = node_session.trajectory_shard, []
+
+    def out_of_memory(*args, **kw):
+        calls.append(1)
+        if len(calls) > fail_at:
+            raise comfy.model_management.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(*args, **kw)
+    monkeypatch.setattr(node_session, "trajectory_shard", out_of_memory)
+    name = f"oom_{fail_at}"
+    with pytest.raises(RuntimeError) as err:
+        _generate(host, model, clip, name, count=5)
+    message = str(err.value)
+    assert message.startswith("RAPMTeacherTrajectory: out of GPU memory computing 2 trajectories at once. Fix: ")
+    if fail_at:
+        assert "2 trajectories are stored" in message and "rerun with batch_size 2 to resume" in message
+        monkeypatch.setattr(node_session, "trajectory_shard", real)
+        assert _generate(host, model, clip, name, count=5).manifest["complete"]  # the advice works
+    else:
+        assert "lower batch_size (e.g. 1)" in message and "nothing is stored in it yet" in message
+
+
 def test_other_inputs_under_an_existing_name_are_refused(host, teacher):
     model, clip, _ = teacher
     _generate(host, model, clip, "taken", count=1)
