@@ -105,7 +105,7 @@ class RAPMTeacherTrajectory:
             "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Teacher guidance (SD1.5: 5-6, SDXL: 7-8). The student learns it; it samples at cfg 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Trajectory i uses noise seed + i."}),
-            "batch_size": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Trajectories computed at once; 0 = auto: 32 at SD1.5's 512 px (6.3 GiB; 1,000 in 10 min on an H100), fewer in proportion to the latent area (SDXL 1024 px: 8, 7.4 GiB). Lower it if the teacher runs out of memory."}),
+            "batch_size": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Trajectories computed at once; 0 = auto: 32 at SD1.5's 512 px (6.3 GiB; 1,000 in 10 min on an H100), fewer in proportion to the latent area (SDXL 1024 px: 8, 9.6 GiB). Lower it if the teacher runs out of memory."}),
             "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
         }, "optional": {
             "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),

@@ -85,7 +85,7 @@ SD15_NOTE = """RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: ar
 
 SDXL_NOTE = """RAPM distillation of SDXL into a 4-step LoRA.
 
-Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories (batch_size 0 = auto: 8 here, 7.4 GiB).
+Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories (batch_size 0 = auto: 8 here, 9.6 GiB).
 For a 24 GB card keep gradient_checkpointing on (measured on an H100: 0.75 s/iteration at 20.1 GiB peak; without it 0.70 s at 49 GiB). For a 16 GB card also turn on low_memory (3.0 s at 12.4 GiB). Start ComfyUI with --disable-cuda-malloc for these speeds (without it part of the training runs without CUDA graphs). See the README.
 Use the LoRA anywhere with a LoRA loader and KSampler: euler, simple, 4 steps, cfg 1."""
 
