@@ -370,7 +370,7 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
-    p.add_argument("--variants", default="default,no_graded_graphs,no_cuda_graphs,checkpointing,low_memory,low_memory+checkpointing,reference")
+    p.add_argument("--variants", default="default,no_graded_graphs,no_cuda_graphs,checkpointing,checkpointing+heads1x1,low_memory,low_memory+checkpointing,reference")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
     p.add_argument("--rank", type=int, default=64)
@@ -426,6 +426,9 @@ def main(argv=None):
                                                     args.profile.replace("{model}", kind))
             entry["training"] = {}
             for variant in [v for v in args.variants.split(",") if v]:
+                if kind == "sdxl" and "heads1x1" in variant.split("+"):
+                    print(f"[{kind}] {variant}: skipped, the same as without heads1x1 (PCM's SDXL heads are 1x1)", flush=True)
+                    continue
                 r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)
                 entry["training"][variant] = r
                 print(f"[{kind}] {variant}: {r}", flush=True)

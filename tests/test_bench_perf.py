@@ -10,7 +10,7 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
                       "--equivalence-precision", "auto,fp32+deterministic,auto+checkpointing", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
-    assert set(tiny["training"]) == {"default", "no_graded_graphs", "no_cuda_graphs", "checkpointing", "low_memory", "low_memory+checkpointing", "reference"}
+    assert set(tiny["training"]) == {"default", "no_graded_graphs", "no_cuda_graphs", "checkpointing", "checkpointing+heads1x1", "low_memory", "low_memory+checkpointing", "reference"}
     assert all(r["seconds_per_iteration"] > 0 for r in tiny["training"].values())
     assert tiny["trajectories"]["trajectories_per_min"] > 0
     assert tiny["equivalence_bf16"]["student"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU
