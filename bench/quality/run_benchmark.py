@@ -103,7 +103,7 @@ def add_training_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--disc-lr", type=float, default=1e-4)
     ap.add_argument("--disc-kernel", type=int, default=None, choices=(1, 3),
-                    help="the discriminator heads' conv size (default: PCM's, 3 for this SD1.5-like model)")
+                    help="the discriminator heads' conv size, RAPMTrain's discriminator_heads (default: PCM's, 3 for this SD1.5-like model)")
 
 
 def train_run(mp, tset, run: str, args, folder: Path, deadline: float | None = None) -> dict:
