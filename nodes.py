@@ -151,7 +151,7 @@ class RAPMTeacherTrajectory:
             return encoded[text]
 
         bar = host.Progress(count, unique_id)
-        clock = progress.Clock(count, count - sum(s.count for s in store.pending()), "traj")
+        clock = progress.Clock(count, store.stored_count(), "traj")
         slots = spec.slots()
 
         def run_batch(batch_prompts, seeds):
@@ -164,13 +164,13 @@ class RAPMTeacherTrajectory:
             bar.update_absolute(done)
             bar.text(clock.text(done))
 
-        bar.update_absolute(count - sum(s.count for s in store.pending()))
+        bar.update_absolute(store.stored_count())
         try:
             trajectories.generate(store, run_batch, batch_done)
         except Exception as e:
             if not host.is_oom(e):
                 raise
-            stored = count - sum(s.count for s in store.pending())
+            stored = store.stored_count()
             lower = f"lower batch_size (e.g. {max(1, batch_size // 2)})"
             fix = (f"{stored} trajectories are stored in {store.folder} and a set keeps its batch size: free GPU memory "
                    f"and rerun with batch_size {batch_size} to resume, or {lower} under another name") if stored else \
@@ -276,11 +276,12 @@ class RAPMTrain:
             raise NodeInputError(node, "absolute_weight", str(e)) from None
         if discriminator_heads not in DISCRIMINATOR_HEADS:
             raise NodeInputError(node, "discriminator_heads", f"'{discriminator_heads}' is not one of {', '.join(DISCRIMINATOR_HEADS)}")
-        kernel = DISCRIMINATOR_HEADS[discriminator_heads] or session.pcm_discriminator_kernel(sdxl)
+        pcm_kernel = session.pcm_discriminator_kernel(sdxl)
+        kernel = DISCRIMINATOR_HEADS[discriminator_heads] or pcm_kernel
         folder = os.path.join(host.output_directory(), RUN_FOLDER, name)
         identity = {"config": config.resume_key(), "trajectories": trajectories.fingerprint(),
                     "teacher": info["fingerprint"], "precision": precision}
-        if kernel != session.pcm_discriminator_kernel(sdxl):
+        if kernel != pcm_kernel:
             identity["discriminator_kernel"] = kernel  # absent = PCM's size: runs from before the input still resume
         run = trainer.Run(folder, identity)
         try:

@@ -141,6 +141,10 @@ class Store:
         done = {s["file"] for s in self.manifest["shards"]}
         return [s for s in self.all_shards() if s.file not in done]
 
+    def stored_count(self) -> int:
+        """Trajectories already in finished shards."""
+        return self.spec.count - sum(s.count for s in self.pending())
+
     def write_shard(self, shard: Shard, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
         path = self.folder / shard.file
         # One metadata key: safetensors writes several in random order, and shards must be reproducible.
@@ -166,7 +170,7 @@ def generate(store: Store, run_batch: Callable[[list[str], list[int]], tuple[dic
              on_batch_done: Callable[[int, int], None] | None = None) -> None:
     """Compute every pending shard. run_batch(prompts, seeds) → (tensors, metadata) for one shard."""
     spec = store.spec
-    done = spec.count - sum(s.count for s in store.pending())
+    done = store.stored_count()
     for shard in store.pending():
         indices = range(shard.start, shard.start + shard.count)
         prompts, seeds = [spec.prompt(i) for i in indices], [spec.seed_of(i) for i in indices]

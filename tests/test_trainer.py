@@ -57,7 +57,7 @@ def test_discriminator_steps_touch_only_discriminators_and_student_steps_only_th
 
 
 @pytest.mark.parametrize("kernel", [None, 1])
-def test_discriminator_heads_are_pcms_unless_a_benchmark_asks_for_another_size(teacher, tset, kernel):
+def test_discriminator_heads_are_pcms_unless_another_size_is_asked_for(teacher, tset, kernel):
     sess = session.Session(teacher, tset, _config(), discriminator_kernel=kernel)
 
     def sizes(tr):
