@@ -274,7 +274,7 @@ def lora_attached(model, lora):
 
             def hook(module, args, output, _layer=layer):
                 if lora.enabled:
-                    return output + _layer.output_delta(module, args[0])
+                    return _layer.add_to_output(module, args[0], output)
             handles.append(module.register_forward_hook(hook))
         yield
     finally:

@@ -64,8 +64,31 @@ class LoRALayer(nn.Module):
         down, up = self._factors(x.dtype)
         if down.ndim == 2:
             return F.linear(F.linear(x, down), up)
-        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[down.ndim]
-        return conv(conv(x, down, None, module.stride, module.padding, module.dilation), up)
+        return self._conv(down.ndim)(self._down(module, x, down), up)
+
+    def add_to_output(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`module`'s output for input x with ΔW's part added. Without grad, the up projection is
+        accumulated into `output` in place by one matrix multiply (no separate add, and for convolutions
+        no 1×1 convolution with its layout conversions): a batch-1 pass is bound by its number of kernels."""
+        if torch.is_grad_enabled() or not output.is_contiguous():
+            return output + self.output_delta(module, x)
+        down, up = self._factors(x.dtype)
+        if down.ndim == 2:
+            h = F.linear(x, down)
+            output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            return output
+        h = self._down(module, x, down)
+        n, rank = h.shape[0], h.shape[1]
+        up = up.reshape(up.shape[0], rank)
+        output.view(n, up.shape[0], -1).baddbmm_(up.expand(n, -1, -1), h.reshape(n, rank, -1))
+        return output
+
+    @staticmethod
+    def _conv(ndim: int):
+        return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[ndim]
+
+    def _down(self, module: nn.Module, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return self._conv(down.ndim)(x, down, None, module.stride, module.padding, module.dilation)
 
 
 class LoRA(nn.Module):

@@ -28,6 +28,44 @@ def test_bypass_output_equals_the_merged_weight(module, x_shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module,x_shape", [
+    (nn.Linear(12, 10), (3, 5, 12)),
+    (nn.Linear(12, 10), (4, 12)),
+    (nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9)),
+    (nn.Conv2d(6, 8, 1), (1, 6, 5, 5)),
+    (nn.Conv1d(4, 5, 3, padding=1), (2, 4, 11)),
+])
+def test_the_in_place_no_grad_form_adds_the_same_as_the_graded_form(module, x_shape):
+    g = torch.Generator().manual_seed(2)
+    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
+    with torch.no_grad():
+        layer.up.normal_(generator=g)
+    x = torch.randn(x_shape, generator=g)
+    expected = (module(x) + layer.output_delta(module, x)).detach()
+    with torch.no_grad():
+        output = module(x)
+        got = layer.add_to_output(module, x, output)
+        assert got is output  # accumulated in place: no separate add
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    graded = layer.add_to_output(module, x, module(x))  # with grad: a new tensor, gradients reach the factors
+    graded.sum().backward()
+    assert layer.up.grad is not None and layer.up.grad.abs().sum() > 0
+    torch.testing.assert_close(graded.detach(), expected)
+
+
+def test_a_channels_last_output_gets_the_same_sum_out_of_place():
+    g = torch.Generator().manual_seed(3)
+    module = nn.Conv2d(6, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
+    with torch.no_grad():
+        layer.up.normal_(generator=g)
+        x = torch.randn(2, 6, 5, 5, generator=g).to(memory_format=torch.channels_last)
+        output = module(x)
+        assert not output.is_contiguous()
+        got = layer.add_to_output(module, x, output)
+        torch.testing.assert_close(got, output + layer.output_delta(module, x))
+
+
 def test_no_grad_passes_see_every_optimizer_step_despite_the_cached_factors():
     g = torch.Generator().manual_seed(1)
     module = nn.Conv2d(4, 6, 3, padding=1)
