@@ -3,8 +3,13 @@ depend on the values), built with ComfyUI's own model classes and dtype choice a
 would load, measured through the same code the nodes run (comfy_rapm.session / trainer), against
 the plain slot-by-slot reference of Alg. 2 (bench/reference_rapm.py).
 
-    python bench/perf.py --models sd15,sdxl --out bench/results/perf.json
+    python bench/perf.py --out bench/results/perf.json
 
+With no options it measures what the issue's targets need, for SD1.5 and SDXL, in one GPU call of
+under ten minutes (H100): trajectories at the node's default batch size; the node's default
+training configuration (`checkpointing`), the 12 GB one (`checkpointing+heads1x1`), checkpointing off
+(`default`), the low-memory mode and the reference; the SD1.5 equivalence check. The ablations
+(`no_graded_graphs`, `no_cuda_graphs`, `low_memory` alone) run when named in --variants.
 Prints a table last; writes JSON with the card, torch version, date and this command."""
 from __future__ import annotations
 
@@ -47,6 +52,11 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 # PCM's released hyperparameters (DESIGN.md §2)
 HYPER = {"sd15": dict(learning_rate=5e-6, weight_decay=1e-3, delta=20), "sdxl": dict(learning_rate=2e-6, weight_decay=0.0, delta=25)}
 HYPER["tiny"] = HYPER["sd15"]
+# (warm-up, timed) iterations per model unless --warmup/--iterations say otherwise: SDXL's reference
+# and low-memory mode take 2-3 s per iteration, so fewer there keeps the default run in one call.
+ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
+DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
+VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1"}
 
 
 def import_host(comfyui: str | None):
@@ -187,7 +197,7 @@ def reference_iteration(tr):
 def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     from comfy_rapm import session
     parts = set(variant.split("+"))  # default, or options joined by '+'
-    unknown = parts - {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1"}
+    unknown = parts - VARIANT_PARTS
     if unknown:
         raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
     reset_peak()
@@ -370,14 +380,18 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
-    p.add_argument("--variants", default="default,no_graded_graphs,no_cuda_graphs,checkpointing,checkpointing+heads1x1,low_memory,low_memory+checkpointing,reference")
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--iterations", type=int, default=10, help="timed iterations (an even number: D and student steps)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help="comma-separated; each 'default' or parts joined by '+': " + ", ".join(sorted(VARIANT_PARTS - {"default"})))
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first; default per model: " + str(ITERATIONS))
+    p.add_argument("--iterations", type=int, default=None,
+                   help="timed iterations (an even number: D and student steps); default per model: " + str(ITERATIONS))
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--traj-batch", default=None, help="batch sizes, comma-separated; default: the node's default")
     p.add_argument("--traj-fine-steps", type=int, default=25)
     p.add_argument("--skip-trajectories", action="store_true")
     p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument("--equivalence-models", default="sd15,tiny",
+                   help="models the equivalence check runs on (SDXL's reference and product at once need ~50 GiB)")
     p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
                    "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), e.g. fp32+deterministic")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
@@ -405,10 +419,14 @@ def main(argv=None):
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
+    started_run = time.perf_counter()
     for kind in args.models.split(","):
         entry = report["models"][kind] = {}
         t0 = time.perf_counter()
         patcher, dtype, count = build_model(kind)
+        warmup, iterations = ITERATIONS[kind]
+        warmup = warmup if args.warmup is None else args.warmup
+        iterations = iterations if args.iterations is None else args.iterations
         entry.update(unet_parameters=count, unet_dtype=str(dtype), resolution=RESOLUTION[kind], steps=4)
         print(f"[{kind}] built {count / 1e6:.0f}M params {dtype} in {time.perf_counter() - t0:.1f}s", flush=True)
         if not args.skip_trajectories:
@@ -422,32 +440,38 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             tset = synthetic_set(os.path.join(tmp, "set"), patcher, kind, count=8, steps=4)
             if args.profile:
-                entry["profile"] = profile_training(patcher, tset, kind, args.warmup, args.rank,
+                entry["profile"] = profile_training(patcher, tset, kind, warmup, args.rank,
                                                     args.profile.replace("{model}", kind))
             entry["training"] = {}
             for variant in [v for v in args.variants.split(",") if v]:
                 if kind == "sdxl" and "heads1x1" in variant.split("+"):
                     print(f"[{kind}] {variant}: skipped, the same as without heads1x1 (PCM's SDXL heads are 1x1)", flush=True)
                     continue
-                r = measure_training(patcher, tset, kind, variant, args.warmup, args.iterations, args.rank)
+                started = time.perf_counter()
+                r = measure_training(patcher, tset, kind, variant, warmup, iterations, args.rank)
+                r["wall_seconds"] = time.perf_counter() - started  # set-up, captures and warm-up included
                 entry["training"][variant] = r
                 print(f"[{kind}] {variant}: {r}", flush=True)
                 save()
             # last: a check that runs out of memory must not leave its memory to the measurements
-            for item in [] if args.skip_equivalence else args.equivalence_precision.split(","):
+            equivalence = not args.skip_equivalence and kind in args.equivalence_models.split(",")
+            for item in args.equivalence_precision.split(",") if equivalence else []:
                 precision, *options = item.split("+")
                 if set(options) - {"checkpointing", "deterministic"}:
                     raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic")
                 key = "_".join(["equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"] + options)
                 reset_peak()
+                started = time.perf_counter()
                 with strict_kernels("deterministic" in options):
                     entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options)
+                entry[key]["wall_seconds"] = time.perf_counter() - started
                 print(f"[{kind}] {key} {entry[key]}", flush=True)
                 save()
         del patcher
         reset_peak()
+    report["wall_seconds"] = time.perf_counter() - started_run
     save()
-    print(f"\ncard: {card}  torch {torch.__version__}")
+    print(f"\ncard: {card}  torch {torch.__version__}  {report['wall_seconds'] / 60:.1f} min")
     print(f"{'model':6} {'variant':26} {'s/it':>8} {'peak GiB':>9} {'reserved':>9}  20K it (h)")
     for kind, entry in report["models"].items():
         for variant, r in entry.get("training", {}).items():

@@ -1,6 +1,8 @@
 """bench/perf.py runs end to end (a miniature UNet on the CPU), so the GPU benchmark cannot rot."""
 import json
 
+import pytest
+
 from bench import perf
 
 
@@ -10,8 +12,10 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
                       "--equivalence-precision", "auto,fp32+deterministic,auto+checkpointing", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
-    assert set(tiny["training"]) == {"default", "no_graded_graphs", "no_cuda_graphs", "checkpointing", "checkpointing+heads1x1", "low_memory", "low_memory+checkpointing", "reference"}
-    assert all(r["seconds_per_iteration"] > 0 for r in tiny["training"].values())
+    assert set(tiny["training"]) == set(perf.DEFAULT_VARIANTS.split(","))
+    assert {"checkpointing", "reference", "low_memory+checkpointing"} <= set(tiny["training"])  # what the targets need
+    assert all(r["seconds_per_iteration"] > 0 and r["wall_seconds"] >= r["seconds_per_iteration"] for r in tiny["training"].values())
+    assert report["wall_seconds"] > 0
     assert tiny["trajectories"]["trajectories_per_min"] > 0
     assert tiny["equivalence_bf16"]["student"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU
     # (discriminator gradients are not compared here: a hinge at its kink flips with rounding on some draws)
@@ -23,8 +27,15 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
     assert report["command"].startswith("python bench/perf.py") and report["torch"]
 
 
-def test_perf_variant_with_1x1_discriminator_heads(host, tmp_path):
+def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
+    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
-                      "--skip-equivalence", "--variants", "checkpointing+heads1x1", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["models"]["tiny"]["training"]["checkpointing+heads1x1"]["seconds_per_iteration"] > 0
+                      "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
+    training = json.loads(out.read_text())["models"]["tiny"]["training"]
+    assert set(training) == set(ablations) and all(r["seconds_per_iteration"] > 0 for r in training.values())
+
+
+def test_perf_refuses_an_unknown_variant(host, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint"):
+        perf.main(["--models", "tiny", "--skip-trajectories", "--skip-equivalence", "--variants", "checkpoint"])
