@@ -68,9 +68,9 @@ class LoRALayer(nn.Module):
 
     def add_to_output(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """`module`'s output for input x with ΔW's part added. Without grad, the up projection is
-        accumulated into `output` in place by one matrix multiply (no separate add, and for convolutions
-        no 1×1 convolution with its layout conversions): a batch-1 pass is bound by its number of kernels."""
-        if torch.is_grad_enabled() or not output.is_contiguous():
+        accumulated into `output` in place by one matrix multiply (no separate add; for convolutions a
+        batched matrix multiply instead of a 1×1 convolution): a batch-1 pass is bound by its number of kernels."""
+        if torch.is_grad_enabled() or not output.is_contiguous() or output.dtype != x.dtype:
             return output + self.output_delta(module, x)
         down, up = self._factors(x.dtype)
         if down.ndim == 2:

@@ -53,6 +53,19 @@ def test_the_in_place_no_grad_form_adds_the_same_as_the_graded_form(module, x_sh
     torch.testing.assert_close(graded.detach(), expected)
 
 
+def test_an_output_in_another_dtype_than_the_input_gets_the_same_sum_out_of_place():
+    g = torch.Generator().manual_seed(4)
+    module = nn.Linear(6, 5)
+    layer = LoRALayer(tuple(module.weight.shape), rank=2, alpha=2.0, generator=g)
+    with torch.no_grad():
+        layer.up.normal_(generator=g)
+        x = torch.randn(3, 6, generator=g)
+        output = module(x).double()
+        got = layer.add_to_output(module, x, output)
+        assert got is not output and got.dtype == torch.float64
+        torch.testing.assert_close(got, output + layer.output_delta(module, x).double())
+
+
 def test_a_channels_last_output_gets_the_same_sum_out_of_place():
     g = torch.Generator().manual_seed(3)
     module = nn.Conv2d(6, 8, 3, padding=1).to(memory_format=torch.channels_last)
