@@ -42,12 +42,15 @@ class HeadSet(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = features[0].device
-        if self.autocast_dtype is not None and self.autocast_dtype != torch.float32 and device.type == "cuda":
-            with torch.autocast(device.type, dtype=self.autocast_dtype):
-                return [head(f) for head, f in zip(self.heads, features)]
-        dtype = self.heads[0].out.weight.dtype
-        return [head(f.to(dtype)) for head, f in zip(self.heads, features)]
+        return [self.head_logits(i, f) for i, f in enumerate(features)]
+
+    def head_logits(self, index: int, feature: torch.Tensor) -> torch.Tensor:
+        """Head `index` on its feature map (one head at a time keeps one head's activations alive)."""
+        head = self.heads[index]
+        if self.autocast_dtype is not None and self.autocast_dtype != torch.float32 and feature.device.type == "cuda":
+            with torch.autocast(feature.device.type, dtype=self.autocast_dtype):
+                return head(feature)
+        return head(feature.to(head.out.weight.dtype))
 
 
 class Discriminators(nn.Module):

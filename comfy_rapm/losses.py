@@ -15,9 +15,12 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.001) -> torch.Te
 
 def hinge_discriminator(fake_logits: list[torch.Tensor], real_logits: list[torch.Tensor]) -> torch.Tensor:
     """Per item, the mean over heads of mean(relu(1 + D(fake))) + mean(relu(1 - D(real))): (B,)."""
-    terms = [_per_item_mean(torch.relu(1 + f.float())) + _per_item_mean(torch.relu(1 - r.float()))
-             for f, r in zip(fake_logits, real_logits)]
-    return torch.stack(terms).mean(0)
+    return torch.stack([hinge_discriminator_head(f, r) for f, r in zip(fake_logits, real_logits)]).mean(0)
+
+
+def hinge_discriminator_head(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """One head's term of hinge_discriminator, per item: (B,)."""
+    return _per_item_mean(torch.relu(1 + fake_logits.float())) + _per_item_mean(torch.relu(1 - real_logits.float()))
 
 
 def hinge_generator(fake_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -229,22 +229,23 @@ class Trainer:
         with torch.no_grad():
             feats = self._backbone(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
         self.disc_opt.zero_grad(set_to_none=True)
-
-        def hinge(heads, part):
-            """Per slot: the hinge loss of one discriminator on fakes (rows 0…n-1) vs reals (block `part`),
-            all slots through the heads at once."""
-            rows = [torch.cat([f[:n], f[part * n:(part + 1) * n]]) for f in feats]
-            logits = heads(rows)
-            return losses.hinge_discriminator([x[:n] for x in logits], [x[n:] for x in logits])
-        total = torch.zeros((), device=self.device)
-        part = 1
+        # Σ_slots w_n · mean over heads of each head's hinge term, back-propagated one head at a time: each head
+        # owns its parameters and reads detached features, so the gradients are those of the whole sum, while
+        # only one head's activations are alive (all of them at once were ~2 GiB for SD1.5).
+        parts = []  # (discriminator, block of real rows, slot weights)
         if cfg.uses_relative:
-            total = total + hinge(d.relative, part).sum()
-            part += 1
+            parts.append((d.relative, 1, None))
         if cfg.uses_absolute:
-            total = total + (self.weights * hinge(d.absolute, part)).sum()
-        self._check_finite(total, "discriminator")
-        total.backward()
+            parts.append((d.absolute, len(parts) + 1, self.weights))
+        total = torch.zeros((), device=self.device)
+        for heads, part, weights in parts:
+            for i, f in enumerate(feats):  # fakes are rows 0…n-1, the reals block `part`
+                logits = heads.head_logits(i, torch.cat([f[:n], f[part * n:(part + 1) * n]]))
+                term = losses.hinge_discriminator_head(logits[:n], logits[n:]) / len(feats)
+                loss = (term if weights is None else weights * term).sum()
+                loss.backward()
+                total = total + loss.detach()
+        self._check_finite(total, "discriminator")  # before the optimizer step, which the caller skips on raise
         return {"discriminator": total.item()}
 
     def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond):
