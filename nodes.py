@@ -236,10 +236,10 @@ class RAPMTrain:
             "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
         }, "optional": {
             "weight_decay": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Student AdamW weight decay (PCM: 1e-3 SD1.5, 0 SDXL)."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~9% more time (H100: SD1.5 0.25 s/it at 12.1 GiB instead of 0.24 s at 18.1 GiB; SDXL 0.75 s at 20.1 GiB instead of 0.70 s at 49 GiB). Turn off only with memory to spare."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for ~9% more time (H100: SD1.5 0.25 s/it at 11.4 GiB, about 0.24 s at 18.6 GiB without; SDXL 0.74 s at 19.1 GiB, about 0.68 s at 51 GiB without). Turn off only with memory to spare."}),
             "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (same gradients, one slot's graph alive at a time) and skip CUDA graphs: less memory, much slower (SD1.5 ~5x). SDXL on a 16 GB card: on, with gradient_checkpointing. SD1.5 on a 12 GB card: try discriminator_heads 1x1 first."}),
             "precision": (["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."}),
-            "discriminator_heads": (list(DISCRIMINATOR_HEADS), {"tooltip": "The discriminator heads' convolutions. auto = PCM's: 3x3 for SD1.5-like models, 1x1 for SDXL-like. 1x1 on SD1.5 needs 3.7 GiB less (H100 with gradient_checkpointing: 8.8 GiB reserved instead of 12.5, 0.25 s/it), so it fits a 12 GB card without low_memory; the emoji benchmark measured no quality cost (README)."}),
+            "discriminator_heads": (list(DISCRIMINATOR_HEADS), {"tooltip": "The discriminator heads' convolutions. auto = PCM's: 3x3 for SD1.5-like models, 1x1 for SDXL-like. 1x1 on SD1.5 needs 3.9 GiB less (H100 with gradient_checkpointing: 7.5 GiB reserved instead of 11.4, 0.24 s/it), so it fits a 12 GB card without low_memory; the emoji benchmark measured no quality cost (README)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP")
