@@ -6,19 +6,28 @@ from torch import nn
 from comfy_rapm.lora import LoRALayer
 
 
-@pytest.mark.parametrize("module,x_shape", [
+LAYERS = pytest.mark.parametrize("module,x_shape", [
     (nn.Linear(12, 10), (3, 5, 12)),
+    (nn.Linear(12, 10), (4, 12)),
     (nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9)),
     (nn.Conv2d(6, 8, 3, padding=2, dilation=2), (2, 6, 7, 7)),
-    (nn.Conv2d(6, 8, 1), (2, 6, 5, 5)),
+    (nn.Conv2d(6, 8, 1), (1, 6, 5, 5)),
     (nn.Conv1d(4, 5, 3, padding=1), (2, 4, 11)),
 ])
-def test_bypass_output_equals_the_merged_weight(module, x_shape):
-    g = torch.Generator().manual_seed(0)
+
+
+def _adapter_and_input(module, x_shape, seed):
+    """A LoRA layer for `module` whose up factor is not zero (a trained adapter), and an input."""
+    g = torch.Generator().manual_seed(seed)
     layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
     with torch.no_grad():
         layer.up.normal_(generator=g)
-    x = torch.randn(x_shape, generator=g)
+    return layer, torch.randn(x_shape, generator=g)
+
+
+@LAYERS
+def test_bypass_output_equals_the_merged_weight(module, x_shape):
+    layer, x = _adapter_and_input(module, x_shape, seed=0)
     merged = nn.Module.__new__(type(module))
     merged.__dict__ = dict(module.__dict__)
     merged._parameters = dict(module._parameters, weight=nn.Parameter(module.weight + layer.delta()))
@@ -28,19 +37,9 @@ def test_bypass_output_equals_the_merged_weight(module, x_shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("module,x_shape", [
-    (nn.Linear(12, 10), (3, 5, 12)),
-    (nn.Linear(12, 10), (4, 12)),
-    (nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9)),
-    (nn.Conv2d(6, 8, 1), (1, 6, 5, 5)),
-    (nn.Conv1d(4, 5, 3, padding=1), (2, 4, 11)),
-])
+@LAYERS
 def test_the_in_place_no_grad_form_adds_the_same_as_the_graded_form(module, x_shape):
-    g = torch.Generator().manual_seed(2)
-    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
-    with torch.no_grad():
-        layer.up.normal_(generator=g)
-    x = torch.randn(x_shape, generator=g)
+    layer, x = _adapter_and_input(module, x_shape, seed=2)
     expected = (module(x) + layer.output_delta(module, x)).detach()
     with torch.no_grad():
         output = module(x)
@@ -54,12 +53,9 @@ def test_the_in_place_no_grad_form_adds_the_same_as_the_graded_form(module, x_sh
 
 
 def test_an_output_in_another_dtype_than_the_input_gets_the_same_sum_out_of_place():
-    g = torch.Generator().manual_seed(4)
     module = nn.Linear(6, 5)
-    layer = LoRALayer(tuple(module.weight.shape), rank=2, alpha=2.0, generator=g)
+    layer, x = _adapter_and_input(module, (3, 6), seed=4)
     with torch.no_grad():
-        layer.up.normal_(generator=g)
-        x = torch.randn(3, 6, generator=g)
         output = module(x).double()
         got = layer.add_to_output(module, x, output)
         assert got is not output and got.dtype == torch.float64
@@ -67,15 +63,14 @@ def test_an_output_in_another_dtype_than_the_input_gets_the_same_sum_out_of_plac
 
 
 def test_a_channels_last_output_gets_the_same_sum_out_of_place():
-    g = torch.Generator().manual_seed(3)
     module = nn.Conv2d(6, 8, 3, padding=1).to(memory_format=torch.channels_last)
-    layer = LoRALayer(tuple(module.weight.shape), rank=3, alpha=2.0, generator=g)
+    layer, x = _adapter_and_input(module, (2, 6, 5, 5), seed=3)
     with torch.no_grad():
-        layer.up.normal_(generator=g)
-        x = torch.randn(2, 6, 5, 5, generator=g).to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
         output = module(x)
         assert not output.is_contiguous()
         got = layer.add_to_output(module, x, output)
+        assert got is not output
         torch.testing.assert_close(got, output + layer.output_delta(module, x))
 
 
