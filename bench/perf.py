@@ -382,9 +382,9 @@ def main(argv=None):
     p.add_argument("--models", default="sd15,sdxl")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="comma-separated; each 'default' or parts joined by '+': " + ", ".join(sorted(VARIANT_PARTS - {"default"})))
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first; default per model: " + str(ITERATIONS))
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first; default per model (warm-up, timed): " + str(ITERATIONS))
     p.add_argument("--iterations", type=int, default=None,
-                   help="timed iterations (an even number: D and student steps); default per model: " + str(ITERATIONS))
+                   help="timed iterations (an even number: D and student steps); default per model (warm-up, timed): " + str(ITERATIONS))
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--traj-batch", default=None, help="batch sizes, comma-separated; default: the node's default")
     p.add_argument("--traj-fine-steps", type=int, default=25)
