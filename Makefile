@@ -3,6 +3,7 @@
 #   make demo   set-up + the main job on the built-in demo model
 PY := .venv/bin/python
 export OMP_NUM_THREADS := 1
+TESTS ?= tests
 
 .PHONY: setup test demo clean
 
@@ -10,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest -q -p no:logging $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:logging $(TESTS) $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) headless/demo.py $(DEMO_ARGS)

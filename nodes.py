@@ -1,13 +1,11 @@
 """ComfyUI glue: widgets → calls into comfy_rapm, progress, errors. No math here."""
 from __future__ import annotations
 
-import torch
-
 import os
 
-import json
+import torch
 
-from .comfy_rapm import host, lora as lora_mod, progress, sampler, schedule, session, storage, trainer, trajectories
+from .comfy_rapm import host, lora_file, progress, sampler, schedule, session, storage, trainer, trajectories
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -152,6 +150,7 @@ class RAPMTeacherTrajectory:
 
         bar = host.Progress(count, unique_id)
         clock = progress.Clock(count, store.stored_count(), "traj")
+        bar.text(clock.text(store.stored_count(), "starting"))  # replaces the previous run's line at once
         slots = spec.slots()
 
         def run_batch(batch_prompts, seeds):
@@ -167,6 +166,10 @@ class RAPMTeacherTrajectory:
         bar.update_absolute(store.stored_count())
         try:
             trajectories.generate(store, run_batch, batch_done)
+        except host.interrupted_types():
+            bar.text(f"Cancelled: {store.stored_count()} of {count} trajectories stored in {store.folder}. "
+                     "Queue again with the same inputs to resume.")
+            raise
         except Exception as e:
             if not host.is_oom(e):
                 raise
@@ -207,8 +210,8 @@ class RAPMLoadTrajectories:
 
 
 RUN_FOLDER = "rapm_runs"
+PROGRESS_TEXT_SECONDS = 1.0  # the node's text line is resent at most this often (and after the last iteration)
 DISCRIMINATOR_HEADS = {"auto": None, "3x3": 3, "1x1": 1}  # the heads' conv size; None = PCM's for the model
-BASE_MODEL_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}
 
 
 class RAPMTrain:
@@ -296,26 +299,37 @@ class RAPMTrain:
         sess = session.Session(model, trajectories, config, precision, gradient_checkpointing, discriminator_kernel=kernel)
         bar = host.Progress(iterations, unique_id)
 
+        bar.text(f"{run.saved_iteration()}/{iterations} it · loading the model and trajectories")
+        shown = {"iteration": 0}
+
         def fit(tr):
             run.restore(tr)
+            shown["iteration"] = tr.iteration
             clock = progress.Clock(iterations, tr.iteration, "it")
+            text_due = progress.Throttle(PROGRESS_TEXT_SECONDS)
             bar.update_absolute(tr.iteration)
-            shown = {}
+            bar.text(clock.text(tr.iteration, "resumed" if tr.iteration else "started"))
+            losses = {}
 
             def on_iteration(k, result):
-                shown.update(result)
+                shown["iteration"] = k
+                losses.update(result)
                 bar.update_absolute(k)
-                if k % 10 == 0 or k == iterations:
-                    line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(shown.items())))
+                if text_due.due() or k == iterations:
+                    line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(losses.items())))
                     if sess.student_graphs_off_reason:
                         line += "\n" + sess.student_graphs_off_reason
                     bar.text(line)
 
-            trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types())
+            trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types(), check_interrupt=host.check_interrupt)
             return tr
 
         try:
             tr = sess.run(fit)
+        except host.interrupted_types():
+            bar.text(f"Cancelled at {shown['iteration']}/{iterations} it: checkpoint saved in {folder}. "
+                     f"Queue again with the same name ({name}) and settings to resume.")
+            raise
         except trainer.NonFiniteLoss as e:
             raise RuntimeError(f"{node}: {e}. Training stopped and the last good checkpoint in {folder} is kept. "
                                "Lower learning_rate / discriminator_learning_rate or use precision fp32, then rerun "
@@ -352,9 +366,9 @@ class RAPMSaveLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": ("LORA_MODEL",),
-            "filename_prefix": ("STRING", {"default": "rapm/rapm_lora", "tooltip": "Path inside models/loras/; never overwrites (a counter is added)."}),
-            "key_format": (["comfyui", "kohya"], {"tooltip": "comfyui: diffusion_model.* keys (ComfyUI's trainer); kohya: lora_unet_* (A1111/Forge too)."}),
-        }}
+            "filename_prefix": ("STRING", {"default": "rapm/rapm_lora", "tooltip": "Path inside models/loras/; never overwrites (a counter is added); saving the same LoRA again keeps the file it wrote."}),
+            "key_format": (list(lora_file.KEY_FORMATS), {"tooltip": "comfyui: diffusion_model.* keys (ComfyUI's trainer); kohya: lora_unet_* (A1111/Forge too)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("lora_name",)
@@ -362,42 +376,16 @@ class RAPMSaveLoRA:
     OUTPUT_NODE = True
     CATEGORY = "training/RAPM"
 
-    def save(self, lora, filename_prefix, key_format):
+    def save(self, lora, filename_prefix, key_format, unique_id=None):
         node = "RAPMSaveLoRA"
         root = host.lora_directory()
-        prefix = filename_prefix.strip().replace("\\", "/").removesuffix(".safetensors")
-        parts = [p for p in prefix.split("/") if p]
-        try:
-            if prefix.startswith("/") or ":" in prefix:
-                raise ValueError(f"{filename_prefix!r} is an absolute path")
-            for p in parts:
-                storage.check_name(p, "filename_prefix part")
-            folder = storage.child_path(root, "/".join(parts[:-1]) or ".", "filename_prefix")
-        except (ValueError, IndexError) as e:
-            raise NodeInputError(node, "filename_prefix", f"{e}; use a name like 'rapm/my_lora'") from None
-        if not parts:
-            raise NodeInputError(node, "filename_prefix", "empty; use a name like 'rapm/my_lora'")
         tensors = {k: v for k, v in lora.items() if isinstance(v, torch.Tensor)}
-        if key_format == "kohya":
-            tensors = lora_mod.kohya_state_dict(tensors)
-        meta = dict(getattr(lora, "metadata", {}))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = storage.unique_path(folder, parts[-1], ".safetensors")
-        steps = meta.get("steps")
-        metadata = {
-            "ss_network_module": "networks.lora", "ss_base_model_version": BASE_MODEL_VERSION.get(meta.get("teacher_family"), "unknown"),
-            "ss_network_dim": str(meta.get("rank", "")), "ss_network_alpha": str(meta.get("alpha", "")),
-            "ss_output_name": path.stem, "ss_steps": str(meta.get("iterations", "")), "ss_training_comment": "RAPM few-step distillation",
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{meta.get('teacher_family', 'unknown')}/lora",
-            "modelspec.implementation": "comfy-rapm", "modelspec.title": path.stem,
-            "modelspec.description": f"{steps}-step RAPM student LoRA: sample with euler, scheduler simple, {steps} steps, cfg 1",
-        }
-        for key, value in meta.items():
-            metadata[f"rapm.{key}"] = value if isinstance(value, str) else json.dumps(value)
-        metadata["rapm.recommended_sampler"] = json.dumps({"sampler": "euler", "scheduler": "simple", "steps": steps, "cfg": 1.0,
-                                                           "node": "RAPMSampler"})
-        storage.write_safetensors(path, tensors, metadata)
+        try:
+            path, written = lora_file.save(root, filename_prefix, tensors, dict(getattr(lora, "metadata", {})), key_format)
+        except ValueError as e:
+            raise NodeInputError(node, "filename_prefix", f"{e}; use a name like 'rapm/my_lora'") from None
         relative = os.path.relpath(path, root)
+        host.Progress(1, unique_id).text(f"{'saved' if written else 'unchanged, kept'} models/loras/{relative}")
         return {"ui": {"text": [relative]}, "result": (relative,)}
 
 

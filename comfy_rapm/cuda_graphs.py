@@ -102,8 +102,9 @@ class GraphedCalls:
 
     def __init__(self, fn: Callable, state: Callable[[], object] = lambda: None, warmup: int = 2,
                  graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None,
-                 graded_parameters: bool = True):
+                 graded_parameters: bool = True, interrupts: tuple[type, ...] = ()):
         self.fn, self.state, self.warmup = fn, state, warmup
+        self.interrupts = interrupts  # the host's Cancel, raised by an op during a capture: never "capture failed"
         self.graded, self.parameters, self.graded_parameters = graded, parameters, graded_parameters
         self.graphs: dict = {}
         self.pool = None
@@ -130,6 +131,8 @@ class GraphedCalls:
             try:
                 entry = self.graphs[key] = self._capture_graded(args, kwargs, owner) if grad else self._capture(args, kwargs)
             except Exception as error:  # the pass does something a graph cannot hold: stay eager
+                if isinstance(error, self.interrupts):
+                    raise
                 self.error = f"{type(error).__name__}: {error}"
                 if grad:  # the no-grad graphs stay
                     self.graded = False

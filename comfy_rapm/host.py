@@ -430,7 +430,7 @@ def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: Feature
         return tap.forward_to_features(forward, *args, **kwargs) if tapping() else forward(*args, **kwargs)
 
     graphed = GraphedCalls(pass_, state=lambda: (state(), tapping()), graded=graded, parameters=parameters,
-                           graded_parameters=graded_parameters)
+                           graded_parameters=graded_parameters, interrupts=interrupted_types())
 
     def graphed_forward(*args, **kwargs):
         out = graphed(*args, **kwargs)

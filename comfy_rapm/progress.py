@@ -1,4 +1,4 @@
-"""Progress text with rate and ETA (plain Python; the host shows it on the node)."""
+"""Progress text with rate and ETA (plain Python): the nodes' text line and the headless runner's bar."""
 from __future__ import annotations
 
 import time
@@ -13,21 +13,48 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def format_rate(seconds_per_unit: float, unit: str) -> str:
+    """'2.5 it/s' when faster than one a second, else '1.30 s/it'."""
+    return f"{seconds_per_unit:.2f} s/{unit}" if seconds_per_unit >= 1 else f"{1 / seconds_per_unit:.1f} {unit}/s"
+
+
 class Clock:
-    """ETA from the work done since this clock started (work resumed from disk does not count)."""
+    """Rate and ETA from the work done since this clock started (work resumed from disk does not count)."""
 
     def __init__(self, total: int, done: int = 0, unit: str = "it"):
         self.total, self.start_done, self.unit = total, done, unit
         self.start = time.monotonic()
 
-    def text(self, done: int, extra: str = "") -> str:
-        elapsed = time.monotonic() - self.start
+    def seconds_per_unit(self, done: float) -> float | None:
         fresh = done - self.start_done
-        parts = [f"{done}/{self.total} {self.unit}"]
-        if fresh > 0:
-            per = elapsed / fresh
-            parts.append(f"{per:.2f} s/{self.unit}" if per >= 1 else f"{1 / per:.1f} {self.unit}/s")
-            parts.append(f"ETA {format_duration(per * (self.total - done))}")
+        return (time.monotonic() - self.start) / fresh if fresh > 0 else None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def rate_and_eta(self, done: float) -> list[str]:
+        """['1.30 s/it', 'ETA 2m10s'], or [] before the first unit of fresh work."""
+        per = self.seconds_per_unit(done)
+        if per is None:
+            return []
+        return [format_rate(per, self.unit), f"ETA {format_duration(per * max(0, self.total - done))}"]
+
+    def text(self, done: int, extra: str = "") -> str:
+        parts = [f"{done}/{self.total} {self.unit}"] + self.rate_and_eta(done)
         if extra:
             parts.append(extra)
         return " · ".join(parts)
+
+
+class Throttle:
+    """True at most every `seconds` (and always the first time): how often a node's text line is resent."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False

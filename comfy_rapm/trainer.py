@@ -388,25 +388,33 @@ def _history_len(key: str, iteration: int) -> int:
 
 
 def train(trainer: Trainer, run: Run | None, on_iteration: Callable[[int, dict], None] | None = None,
-          interrupted: type | tuple = KeyboardInterrupt) -> None:
+          interrupted: type | tuple = KeyboardInterrupt, check_interrupt: Callable[[], None] | None = None) -> None:
     """Iterate to config.iterations with checkpoints every checkpoint_every iterations and at the end.
-    On `interrupted` (Cancel) the state at the start of the unfinished iteration is saved, then the
-    exception propagates: parameters and optimizer states only change in the iteration's last
-    action (the optimizer step), so only the random-number state needs rewinding. On a non-finite
-    loss nothing is saved: the last good checkpoint stays."""
+
+    Cancel (`interrupted`, raised anywhere in an iteration: by `check_interrupt` at its start, by an op
+    inside it, or by the progress hook in `on_iteration` after it) saves a checkpoint, then the exception
+    propagates. Inside the iteration, the state at its start is saved: parameters and optimizer states only
+    change in its last action (the optimizer step), so only the random-number state needs rewinding; after
+    it (from `on_iteration`), the finished iteration is saved. On a non-finite loss nothing is saved: the
+    last good checkpoint stays."""
     cfg = trainer.config
     while trainer.iteration < cfg.iterations:
         rng_state, iteration = trainer.rng.get_state(), trainer.iteration
+        finished = False
         try:
+            if check_interrupt is not None:
+                check_interrupt()
             result = trainer.run_iteration()
+            finished = True
+            if on_iteration is not None:
+                on_iteration(trainer.iteration, result)
         except interrupted:
             if run is not None:
-                trainer.rng.set_state(rng_state)
-                trainer.iteration = iteration
-                trainer.history = {k: v[: _history_len(k, iteration)] for k, v in trainer.history.items()}
+                if not finished:
+                    trainer.rng.set_state(rng_state)
+                    trainer.iteration = iteration
+                    trainer.history = {k: v[: _history_len(k, iteration)] for k, v in trainer.history.items()}
                 run.save(trainer)
             raise
-        if on_iteration is not None:
-            on_iteration(trainer.iteration, result)
         if run is not None and (trainer.iteration % cfg.checkpoint_every == 0 or trainer.iteration == cfg.iterations):
             run.save(trainer)

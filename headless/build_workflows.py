@@ -12,6 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from headless.convert import spec_entries, widget_slots  # noqa: E402
+
 SD15_PROMPTS = """# One prompt per line; the paper used 1,000 prompts (CC3M captions). Put a long list in a text
 # file in ComfyUI's input folder and name it in prompts_file.
 a photo of a cat sitting on a windowsill
@@ -115,19 +117,6 @@ WORKFLOWS = {
 }
 
 
-def _inputs(cls):
-    spec = cls.INPUT_TYPES()
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind = entry[0]
-            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            yield name, kind, opts
-
-
-def _is_widget(kind, opts):
-    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") and not opts.get("forceInput")
-
-
 def to_ui(specs, classes):
     nodes, links = [], []
     link_id = 0
@@ -150,15 +139,17 @@ def to_ui(specs, classes):
             nodes.append(ui)
             continue
         cls = classes[spec["type"]]
-        for name, kind, opts in _inputs(cls):
-            link = spec.get("_links", {}).get(name)
-            if _is_widget(kind, opts):
-                if name not in spec.get("widgets", {}):
-                    raise KeyError(f"{spec['type']}: no value for widget {name}")
+        slots = widget_slots(cls)
+        for name in slots:
+            if name == "control_after_generate":
+                ui["widgets_values"].append("fixed")
+            elif name not in spec.get("widgets", {}):
+                raise KeyError(f"{spec['type']}: no value for widget {name}")
+            else:
                 ui["widgets_values"].append(spec["widgets"][name])
-                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
-                    ui["widgets_values"].append("fixed")
-            elif link is not None:
+        for name, kind, opts in spec_entries(cls):
+            link = spec.get("_links", {}).get(name)
+            if name not in slots and link is not None:
                 ui["inputs"].append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link})
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         for slot, (out_name, out_type) in enumerate(zip(names, cls.RETURN_TYPES)):
@@ -176,8 +167,8 @@ def to_ui(specs, classes):
 
 
 def _ui_link_inputs(spec, classes):
-    return [{"name": n} for n, kind, opts in _inputs(classes[spec["type"]])
-            if not _is_widget(kind, opts) and n in spec.get("_links", {})]
+    cls = classes[spec["type"]]
+    return [{"name": n} for n, _, _ in spec_entries(cls) if n not in widget_slots(cls) and n in spec.get("_links", {})]
 
 
 def main():

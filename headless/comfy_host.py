@@ -18,6 +18,10 @@ class HostNotFound(RuntimeError):
     pass
 
 
+class HostUnsupported(RuntimeError):
+    """The host lacks something the pack needs; the message names its version and what is missing."""
+
+
 def find_comfyui(explicit: str | None = None) -> Path:
     """--comfyui, then COMFYUI_PATH, then the repo's .comfyui/ComfyUI."""
     for source, candidate in (("--comfyui", explicit), ("COMFYUI_PATH", os.environ.get("COMFYUI_PATH")),
@@ -61,9 +65,10 @@ def boot(comfyui: str | None = None, cpu: bool | None = None, output_directory: 
             asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
         _booted.update(path=path, nodes=nodes)
     import folder_paths
-    if output_directory:
+    if output_directory:  # temporary files (previews, loss graphs) under it too, as main.py's --temp-directory
         os.makedirs(output_directory, exist_ok=True)
         folder_paths.set_output_directory(os.path.abspath(output_directory))
+        folder_paths.set_temp_directory(os.path.join(os.path.abspath(output_directory), "temp"))
     if input_directory:
         os.makedirs(input_directory, exist_ok=True)
         folder_paths.set_input_directory(os.path.abspath(input_directory))
@@ -79,3 +84,39 @@ def add_model_root(root: str) -> None:
         sub = os.path.join(root, kind)
         if os.path.isdir(sub):
             folder_paths.add_model_folder_path(kind, sub, is_default=True)
+
+
+def version() -> str:
+    """The booted host's version ("0.3.75"), or "unknown" for a tree without comfyui_version.py."""
+    try:
+        import comfyui_version
+        return str(comfyui_version.__version__)
+    except ImportError:
+        return "unknown"
+
+
+class _AbsentIsZero(dict):
+    """Cache settings: a key this code does not know (a later host's) reads as 0, its 'off'."""
+
+    def __missing__(self, key):
+        return 0
+
+
+def new_executor(server):
+    """The host's PromptExecutor with the classic cache (keep every output of this one run), built from the
+    parameters its constructor declares, as each release's main.py builds it: `cache_args` (0.3.6x+; 0.33
+    added keys), or `cache_size` (earlier)."""
+    import inspect
+    import execution
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
+    kwargs = {"cache_type": execution.CacheType.CLASSIC} if "cache_type" in params else {}
+    if "cache_args" in params:
+        kwargs["cache_args"] = _AbsentIsZero(lru=0, ram=0)
+    elif "cache_size" in params:
+        kwargs["cache_size"] = None
+    try:
+        return execution.PromptExecutor(server, **kwargs)
+    except TypeError as e:
+        raise HostUnsupported(f"ComfyUI {version()}: its PromptExecutor{inspect.signature(execution.PromptExecutor)} "
+                              f"is not one headless/run.py knows how to build ({e}); run the workflow in ComfyUI's "
+                              "page instead") from None

@@ -30,15 +30,15 @@ def main(argv=None) -> int:
     if code != 0:
         return code
     loras = sorted((models / "loras").rglob("*.safetensors"), key=os.path.getmtime)
-    images = sorted(output.rglob("*.png"), key=os.path.getmtime)
+    images = sorted((p for p in output.rglob("*.png") if p.stat().st_mtime >= t0), key=os.path.getmtime)  # this run's
     print("\n[demo] summary")
     print(f"  total time        {time.time() - t0:.0f} s")
     print(f"  trajectories      {output / 'rapm_trajectories' / 'demo'}")
     print(f"  training run      {output / 'rapm_runs' / 'demo'} (rerun resumes; delete it to retrain)")
     if loras:
         print(f"  LoRA              {loras[-1]}")
-    for image in images[-3:]:
-        print(f"  image             {image}")
+    for image in images:
+        print(f"  {'loss graph' if image.parent.name == 'temp' else 'image':<18}{image}")
     return 0
 
 

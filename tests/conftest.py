@@ -56,3 +56,17 @@ def quality_mini(tmp_path_factory):
                           "--limit", "8"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def every_progress_update(host):
+    """The host passes every progress update to its hook, as releases before 0.33 do (0.33 throttles them to
+    ≤ every 0.1 s / 0.5%: a UI policy, not the node's): lets a test see each step a node reports."""
+    import comfy.utils
+    names = [n for n in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT") if hasattr(comfy.utils, n)]
+    saved = {n: getattr(comfy.utils, n) for n in names}
+    for n in names:
+        setattr(comfy.utils, n, 0)
+    yield
+    for n, v in saved.items():
+        setattr(comfy.utils, n, v)

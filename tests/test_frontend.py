@@ -24,12 +24,12 @@ import pytest
 
 from comfy_server import running_server
 from headless.comfy_host import boot
+from headless.convert import widget_slots
 
 pytestmark = pytest.mark.frontend
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = ["rapm_sd15.json", "rapm_sdxl.json", "rapm_demo.json"]
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]  # containers often give /dev/shm only 64 MB
@@ -48,23 +48,6 @@ def _chromium():
     pytest.fail("Chromium not found: run scripts/setup.sh as root (it installs Debian's `chromium`), "
                 "or `apt-get install chromium`, or set RAPM_CHROMIUM to a Chromium/Chrome binary")
 
-
-
-def _expected_widgets(cls):
-    """Widget names the front end builds from INPUT_TYPES: each widget input in order, and a
-    control_after_generate combo after an INT that asks for one or is named seed / noise_seed."""
-    spec = cls.INPUT_TYPES()
-    names = []
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind = entry[0]
-            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
-                continue
-            names.append(name)
-            if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-                names.append("control_after_generate")
-    return names
 
 
 def _same(a, b):
@@ -198,7 +181,7 @@ def _check(workflow, state, classes):
             problems.append(f"{tag}: not in app.graph._nodes ({node and node['type']})")
             continue
         names = [w["name"] for w in node["widgets"]]
-        want = _expected_widgets(classes[spec["type"]])
+        want = widget_slots(classes[spec["type"]])
         if names != want:
             problems.append(f"{tag}: widgets {names}, INPUT_TYPES gives {want}")
         values = [w["value"] for w in node["widgets"]]
@@ -267,4 +250,4 @@ def test_every_rapm_node_type_builds_its_widgets(page):
         const n = LiteGraph.createNode(t);
         return [t, n && n.constructor === LiteGraph.registered_node_types[t] ? (n.widgets || []).map(w => w.name) : null];
     }))""", rapm)
-    assert built == {name: _expected_widgets(classes[name]) for name in rapm}
+    assert built == {name: widget_slots(classes[name]) for name in rapm}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
-        "progress", "errors", "cuda_graphs", "optim"]
+        "progress", "errors", "cuda_graphs", "optim", "lora_file"]
 
 
 def test_core_imports_without_comfyui():
@@ -36,3 +36,27 @@ def test_all_nodes_are_registered(host):
     for name in ("RAPMSampler", "RAPMTeacherTrajectory", "RAPMLoadTrajectories", "RAPMTrain", "RAPMSaveLoRA",
                  "RAPMEmojiDemoLoader"):
         assert name in host.NODE_CLASS_MAPPINGS and name in host.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def _copy_tracked_files(destination: Path) -> None:
+    """The checkout's tracked files as they are now (committed or not), as a fresh clone would hold them."""
+    import shutil
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+
+
+def test_the_suite_runs_from_a_folder_named_as_users_name_it(tmp_path):
+    """The README clones into `comfy-rapm` (not a Python name) inside ComfyUI/custom_nodes/; pytest must still
+    collect and pass there."""
+    import os
+    from headless.comfy_host import find_comfyui
+    env = dict(os.environ, COMFYUI_PATH=str(find_comfyui()), OMP_NUM_THREADS="1")
+    for folder in (tmp_path / "comfy-rapm", tmp_path / "ComfyUI" / "custom_nodes" / "comfy-rapm"):
+        _copy_tracked_files(folder)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "tests/test_layout.py",
+                                 "-k", "not folder_named"], cwd=folder, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{folder}:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+        assert "4 passed" in result.stdout, result.stdout[-2000:]

@@ -9,6 +9,7 @@ import torch
 
 import rapm_fixtures
 from headless import tiny_models
+from stock_nodes import call  # noqa: E402
 
 
 def _rel(a, b):
@@ -42,8 +43,8 @@ def _sample(host, model, steps=4, scheduler=None, sigmas=None):
         if scheduler:
             return host.NODE_CLASS_MAPPINGS["KSampler"]().sample(model, 3, steps, 1.0, "euler", scheduler, cond, cond, latent)[0]["samples"]
         if sigmas is not None:
-            euler = KSamplerSelect.execute("euler").args[0]
-            return SamplerCustom.execute(model, True, 3, 1.0, cond, cond, euler, sigmas, latent).args[0]["samples"]
+            euler = call(KSamplerSelect, "euler")[0]
+            return call(SamplerCustom, model, True, 3, 1.0, cond, cond, euler, sigmas, latent)[0]["samples"]
         return host.NODE_CLASS_MAPPINGS["RAPMSampler"]().sample(model, cond, cond, latent, 3, steps, 1.0)[0]["samples"]
 
 
@@ -87,11 +88,19 @@ def test_saved_file_applies_with_stock_loader_like_the_trained_model(host, train
     assert _rel(_sample(host, teacher), ours) > 1e-3  # the LoRA matters
 
 
-def test_files_are_never_overwritten_and_names_stay_in_the_lora_folder(host, trained):
+def test_files_are_never_overwritten_a_resave_keeps_its_file_and_names_stay_in_the_lora_folder(host, trained):
+    from comfy_rapm.lora import LoRAWeights
     _, _, lora, _ = trained
-    first, _ = _save(host, lora, "rapm_test/same", "comfyui")
-    second, _ = _save(host, lora, "rapm_test/same", "comfyui")
-    assert first != second
+    first, first_path = _save(host, lora, "rapm_test/same", "comfyui")
+    written = os.path.getmtime(first_path), os.path.getsize(first_path)
+    again, _ = _save(host, lora, "rapm_test/same", "comfyui")  # an unchanged re-queue: no copy
+    assert again == first and (os.path.getmtime(first_path), os.path.getsize(first_path)) == written
+    assert _save(host, lora, "rapm_test/same", "kohya")[0] != first  # another format is another file
+    key = next(k for k in lora if k.endswith("lora_up.weight"))
+    changed = LoRAWeights({k: (v + 1 if k == key else v) for k, v in lora.items()}, lora.metadata)
+    second, _ = _save(host, changed, "rapm_test/same", "comfyui")
+    assert second not in (first, again) and os.path.getmtime(first_path) == written[0]  # never overwritten
+    assert _save(host, changed, "rapm_test/same", "comfyui")[0] == second
     for bad in ("../outside", "/abs/path", "a/../../b"):
         with pytest.raises(ValueError, match="RAPMSaveLoRA: input 'filename_prefix'"):
             _save(host, lora, bad, "comfyui")
@@ -102,10 +111,10 @@ def test_lora_model_and_loss_map_work_with_the_stock_training_nodes(host, traine
     teacher, model, lora, loss = trained
     assert len(loss["loss"]) == 2 and all(isinstance(v, float) for v in loss["loss"])
     with torch.inference_mode():
-        loaded = LoraModelLoader.execute(teacher, lora, 1.0).args[0]
+        loaded = call(LoraModelLoader, teacher, lora, 1.0)[0]
     assert _rel(_sample(host, loaded), _sample(host, model)) <= 1e-6
-    SaveLoRA.execute(lora, "rapm_test/stock_saved")
-    LossGraphNode.execute(loss, "rapm_test/loss")
+    call(SaveLoRA, lora, "rapm_test/stock_saved")
+    call(LossGraphNode, loss, "rapm_test/loss")
 
 
 def test_trajectories_train_save_and_stock_lora_loader_through_the_executor(host, tmp_path, capsys):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from headless import tiny_models
+from stock_nodes import call  # noqa: E402
 
 
 def _rel(a, b):
@@ -12,8 +13,8 @@ def _rel(a, b):
 def _sampler_custom(host, model, positive, negative, latent, seed, cfg, timesteps):
     from comfy_extras.nodes_custom_sampler import SamplerCustom, KSamplerSelect
     sigmas = model.get_model_object("model_sampling").sigmas[timesteps].clone()
-    sampler = KSamplerSelect.execute("euler").args[0]
-    return SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent).args[0]["samples"]
+    sampler = call(KSamplerSelect, "euler")[0]
+    return call(SamplerCustom, model, True, seed, cfg, positive, negative, sampler, sigmas, latent)[0]["samples"]
 
 
 def _rapm(host, model, positive, negative, latent, seed, steps, cfg):
@@ -66,7 +67,7 @@ def test_wrong_latent_channels_names_the_node_and_input(host):
     assert "RAPMSampler" in str(err.value) and "latent_image" in str(err.value) and "16" in str(err.value)
 
 
-def test_progress_per_step_and_cancel_stops_sampling(host):
+def test_progress_per_step_and_cancel_stops_sampling(host, every_progress_update):
     import comfy.model_management
     import comfy.utils
     model = tiny_models.make_model_patcher("sd15")

@@ -211,24 +211,30 @@ def _node_train(host, model, tset, name, iterations, **kw):
         return host.NODE_CLASS_MAPPINGS["RAPMTrain"]().train(model, tset, iterations, **args)
 
 
-def test_cancel_writes_a_checkpoint_and_resuming_is_bit_exact(host, teacher, tset):
+@pytest.mark.parametrize("where", ["flag", "hook"])
+def test_cancel_writes_a_checkpoint_and_resuming_is_bit_exact(host, teacher, tset, every_progress_update, where):
+    """Cancel as each host delivers it: the interrupt flag set (0.3.75's server: raised by the next op or the
+    node's own check), or the progress hook itself raising after an iteration (0.3.52's server)."""
     import comfy.model_management
     import comfy.utils
     import folder_paths
     _, uninterrupted, loss_a = _node_train(host, teacher, tset, "straight", 8)
+    name = f"cancelled_{where}"
 
     def cancel_at_five(value, total, preview, node_id=None):
         if value == 5:
             comfy.model_management.interrupt_current_processing(True)
+            if where == "hook":
+                comfy.model_management.throw_exception_if_processing_interrupted()
     old = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(cancel_at_five)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _node_train(host, teacher, tset, "cancelled", 8)
+            _node_train(host, teacher, tset, name, 8)
     finally:
         comfy.model_management.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(old)
-    folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", "cancelled")
+    folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", name)
     from safetensors import safe_open
     with safe_open(os.path.join(folder, "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["rapm_iteration"] == "5"
@@ -238,7 +244,7 @@ def test_cancel_writes_a_checkpoint_and_resuming_is_bit_exact(host, teacher, tse
     assert trainer.Run(folder, {}).saved_iteration() == 5
     assert trainer.Run(os.path.join(folder, "missing"), {}).saved_iteration() == 0
 
-    _, resumed, loss_b = _node_train(host, teacher, tset, "cancelled", 8)
+    _, resumed, loss_b = _node_train(host, teacher, tset, name, 8)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert loss_b["loss"] == loss_a["loss"] and len(loss_a["loss"]) == 4
@@ -334,3 +340,35 @@ def test_student_graded_graphs_stay_off_under_the_cuda_malloc_async_allocator(te
     assert graphs is not None and graphs.graded and not graphs.graded_parameters
     low = session.Session(teacher, tset, _config(low_memory=True))  # off anyway: nothing to explain
     assert low.student_graphs_off_reason is None and not low.cuda_graphs
+
+
+def test_the_nodes_text_line_starts_fresh_and_after_cancel_says_a_checkpoint_was_written(host, teacher, tset,
+                                                                                         every_progress_update):
+    import comfy.model_management
+    import comfy.utils
+    import server
+    texts = []
+
+    class Screen:  # what the front end shows on node 7
+        def send_progress_text(self, text, node_id, sid=None):
+            texts.append((node_id, text))
+
+    def cancel_at_three(value, total, preview, node_id=None):
+        if value == 3:
+            comfy.model_management.interrupt_current_processing(True)
+    saved_server, saved_hook = getattr(server.PromptServer, "instance", None), comfy.utils.PROGRESS_BAR_HOOK
+    server.PromptServer.instance = Screen()
+    comfy.utils.set_progress_bar_global_hook(cancel_at_three)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _node_train(host, teacher, tset, "texts", 6, unique_id="7")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(saved_hook)
+        server.PromptServer.instance = saved_server
+    assert {node for node, _ in texts} == {"7"}
+    assert texts[0][1].startswith("0/6 it") and "loading" in texts[0][1]  # replaces the last run's line at once
+    assert texts[1][1].startswith("0/6 it") and "started" in texts[1][1]
+    last = texts[-1][1]
+    assert last.startswith("Cancelled at 3/6 it: checkpoint saved in ") and "same name (texts)" in last
+    assert trainer.Run(last.split("checkpoint saved in ")[1].split(". Queue")[0], {}).saved_iteration() == 3

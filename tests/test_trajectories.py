@@ -7,6 +7,7 @@ import torch
 
 from headless import tiny_models
 from comfy_rapm import schedule
+from stock_nodes import call  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_positions_equal_sampler_custom_on_the_fine_trailing_grid(host, teacher)
     assert tset.manifest["timesteps"] == [999, 499, 0]
     ms = model.get_model_object("model_sampling")
     fine = [999, 832, 666, 499, 332, 166, 0]
-    euler = KSamplerSelect.execute("euler").args[0]
+    euler = call(KSamplerSelect, "euler")[0]
     encode = host.NODE_CLASS_MAPPINGS["CLIPTextEncode"]()
     for traj in trajs:
         with torch.inference_mode():
@@ -58,7 +59,7 @@ def test_positions_equal_sampler_custom_on_the_fine_trailing_grid(host, teacher)
         for n, end in ((1, 4), (2, 7)):  # slot boundaries on the fine grid
             sigmas = ms.sigmas[fine[:end]].clone()
             with torch.inference_mode():
-                ref = SamplerCustom.execute(model, True, traj.seed, 3.0, positive, negative, euler, sigmas, latent).args[0]["samples"]
+                ref = call(SamplerCustom, model, True, traj.seed, 3.0, positive, negative, euler, sigmas, latent)[0]["samples"]
             ours = model.model.process_latent_out(schedule.from_vp(traj.positions[n][None], sigmas[-1], ms))
             assert _rel(ours, ref) <= 1e-4, (traj.prompt, n)
         start = schedule.from_vp(traj.positions[0][None], ms.sigmas[999], ms)

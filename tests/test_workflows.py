@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from headless import run, tiny_models
+from headless.convert import widget_slots
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -44,13 +45,7 @@ def test_workflow_converts_with_matching_widget_counts(host, path):
         if node["type"] in ("Note", "MarkdownNote"):
             continue
         assert node["type"] in classes, f"{path.name}: node type {node['type']} is not installed"
-        spec = classes[node["type"]].INPUT_TYPES()
-        widgets = 0
-        for section in ("required", "optional"):
-            for name, entry in spec.get(section, {}).items():
-                kind, opts = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
-                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                    widgets += 1 + bool(opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+        widgets = len(widget_slots(classes[node["type"]]))
         assert len(node["widgets_values"]) == widgets, f"{path.name}: {node['type']} widget count"
     api = run.ui_to_api(workflow, classes)
     assert {n["class_type"] for n in api.values()} >= {"RAPMTeacherTrajectory", "RAPMTrain", "RAPMSaveLoRA", "RAPMSampler"}

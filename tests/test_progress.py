@@ -1,0 +1,20 @@
+"""The one progress formatter: rate, ETA and how often a node's text line is resent."""
+import time
+
+from comfy_rapm import progress
+
+
+def test_rate_and_eta_count_only_work_done_since_the_clock_started():
+    clock = progress.Clock(total=100, done=40, unit="it")
+    assert clock.text(40) == "40/100 it"  # resumed work is no evidence of speed
+    clock.start -= 10.0  # 10 s later, 10 more done: 1 s/it
+    assert clock.text(50, "loss 0.5") == "50/100 it · 1.00 s/it · ETA 50s · loss 0.5"
+    assert progress.format_rate(0.25, "it") == "4.0 it/s" and progress.format_rate(2.5, "traj") == "2.50 s/traj"
+    assert [progress.format_duration(s) for s in (59.4, 61, 3725)] == ["59s", "1m01s", "1h02m"]
+
+
+def test_throttle_is_due_first_then_after_its_interval():
+    throttle = progress.Throttle(0.2)
+    assert throttle.due() and not throttle.due()
+    time.sleep(0.25)
+    assert throttle.due() and not throttle.due()
