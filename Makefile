@@ -4,14 +4,25 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS := 1
 TESTS ?= tests
+# What touches the host: nodes, runner, trainer cancel/resume, workflows, the real server and front end.
+HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py tests/test_workflows.py \
+	tests/test_server.py tests/test_frontend.py tests/test_sampler_node.py tests/test_trajectories.py \
+	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py tests/test_layout.py
+HOST_DIR = .comfyui/hosts/$(HOST)
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-host demo clean
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest -q -p no:logging $(TESTS) $(PYTEST_ARGS)
+
+# make test-host HOST=0.3.52 (or 0.33.0): the host-facing tests on another ComfyUI release
+test-host:
+	@test -n "$(HOST)" || { echo "make test-host HOST=0.3.52|0.33.0"; exit 2; }
+	@bash scripts/setup.sh --host $(HOST)
+	COMFYUI_PATH=$(HOST_DIR)/ComfyUI PYTHONPATH=$(HOST_DIR)/site $(PY) -m pytest -q -p no:logging $(HOST_TESTS) $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) headless/demo.py $(DEMO_ARGS)

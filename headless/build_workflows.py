@@ -1,4 +1,5 @@
-"""Writes workflows/*.json (ComfyUI's UI format, what users load and share) from the specs below,
+"""Writes example_workflows/*.json (ComfyUI's UI format, what users load and share; the host lists them as the
+pack's templates, titled by their file names) from the specs below,
 taking widget order and output types from the installed nodes' own INPUT_TYPES / RETURN_TYPES.
 
     .venv/bin/python headless/build_workflows.py
@@ -37,11 +38,21 @@ thumbs up, google style
 sun, twitter style"""
 
 
+# What the front end's missing-models dialog offers to download (the names and addresses ComfyUI's own templates use).
+CHECKPOINTS = {
+    "v1-5-pruned-emaonly-fp16.safetensors":
+        "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors?download=true",
+    "sd_xl_base_1.0.safetensors":
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors?download=true",
+}
+
+
 def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, teacher_steps, name, notes,
              sample_prompt="a photo of a cat sitting on a windowsill", latent_size=None):
     """The whole precompute → distill → sample graph. `ckpt` None: the built-in emoji demo teacher,
     whose latent is the image (Empty Latent Image's size is then 8× the model's)."""
-    loader = (dict(id=1, type="CheckpointLoaderSimple", title="Teacher checkpoint", pos=(0, 0), widgets={"ckpt_name": ckpt})
+    loader = (dict(id=1, type="CheckpointLoaderSimple", title="Teacher checkpoint", pos=(0, 0), widgets={"ckpt_name": ckpt},
+                   models=[{"name": ckpt, "url": CHECKPOINTS[ckpt], "directory": "checkpoints"}])
               if ckpt else dict(id=1, type="RAPMEmojiDemoLoader", title="Teacher (built-in emoji model)", pos=(0, 0)))
     latent_size = latent_size or size
     return [
@@ -78,37 +89,40 @@ def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, tea
     ]
 
 
-SD15_NOTE = """RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: arXiv 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
+WHERE_FILES_GO = """Files: the teacher checkpoint goes in models/checkpoints/ (the missing-models dialog offers the download). The pack writes output/rapm_trajectories/<name>/ (trajectories), output/rapm_runs/<name>/ (checkpoints; queue again with the same name to resume after Cancel or a crash) and models/loras/rapm/<name>.safetensors (the LoRA). Use the LoRA in any workflow with a LoRA loader and KSampler: sampler euler, scheduler simple, 4 steps, cfg 1."""
 
-1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6, batch_size 0 = auto (32 here: 10 min on an H100 at 6.3 GiB; lower it if the teacher runs out of memory). Rerun to resume; output/rapm_trajectories/<name>/.
-2. RAPM Train: 20,000 iterations at batch 1 (PCM's settings: LoRA rank 64 alpha 8, lr 5e-6, wd 1e-3, discriminator lr 1e-5, Δ auto = 20, adversarial weight 0.1). Checkpoints to output/rapm_runs/<name>/; rerun with the same name to resume. Defaults (gradient_checkpointing on): 0.25 s/iteration, 11.4 GiB peak (H100); with it off about 0.24 s at 18.6 GiB; for a 12 GB card set discriminator_heads to 1x1 (0.24 s at 7.5 GiB; no quality cost measured on the emoji benchmark), or as a last resort also turn on low_memory (slow). These speeds need ComfyUI started with --disable-cuda-malloc (without it the student's passes with grad run without CUDA graphs: up to ~1.7× slower, and the node says so).
-3. LoRA Save writes models/loras/rapm/<name>.safetensors; any workflow can use it with a LoRA loader and KSampler: sampler euler, scheduler simple, 4 steps, cfg 1.
-4. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed."""
+SD15_NOTE = f"""RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
 
-SDXL_NOTE = """RAPM distillation of SDXL into a 4-step LoRA.
+1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6 (batch_size 0 = auto; lower it if the teacher runs out of memory).
+2. RAPM Train: 20,000 iterations at batch 1 with PCM's settings (LoRA rank 64 alpha 8, lr 5e-6, weight decay 1e-3, discriminator lr 1e-5, Δ 20, adversarial weight 0.1). Defaults fit a 16 GB card; on a 12 GB card set discriminator_heads to 1x1, and only if that still runs out, low_memory (much slower). Speeds: README, Speed and memory.
+3. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed.
 
-Settings (PCM's SDXL values): teacher cfg 7.5, lr 2e-6, weight decay 0, Δ auto = 25, 1024×1024, 1,000 trajectories (batch_size 0 = auto: 8 here, 9.6 GiB).
-For a 24 GB card keep gradient_checkpointing on (measured on an H100: 0.74 s/iteration at 19.1 GiB peak; without it about 0.68 s at 51 GiB). For a 16 GB card also turn on low_memory (3–4 s at 12.2 GiB). Start ComfyUI with --disable-cuda-malloc for these speeds (without it part of the training runs without CUDA graphs). See the README.
-Use the LoRA anywhere with a LoRA loader and KSampler: euler, simple, 4 steps, cfg 1."""
+{WHERE_FILES_GO}"""
 
-DEMO_NOTE = """The whole RAPM pipeline on the built-in emoji teacher (7M parameters, 32×32 pixels, trained for 2.5 min by this project's quality benchmark; text from MiniLM): 8 trajectories, 40 training iterations, a couple of minutes on a CPU.
+SDXL_NOTE = f"""RAPM distillation of SDXL into a 4-step LoRA.
+
+PCM's SDXL settings: teacher cfg 7.5, lr 2e-6, weight decay 0, Δ 25, 1024×1024, 1,000 trajectories. The defaults fit a 24 GB card; on a 16 GB card also turn on low_memory (much slower). Speeds: README, Speed and memory.
+
+{WHERE_FILES_GO}"""
+
+DEMO_NOTE = """The whole RAPM pipeline on the built-in emoji teacher (7M parameters, 32×32 pixels, text from MiniLM; no download): 8 trajectories, 40 training iterations, a couple of minutes on a CPU.
 The model's latent is the image, so Empty Latent Image asks for 256×256 (32×32 after its ÷8) while the trajectories are 32×32.
-The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step student from the same seed. Load the SD1.5 or SDXL workflow for the real thing."""
+The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step student from the same seed. The pack writes output/rapm_trajectories/demo/, output/rapm_runs/demo/ and models/loras/rapm/demo.safetensors. Load the SD1.5 or SDXL template for the real thing."""
 
 WORKFLOWS = {
-    "rapm_sd15.json": pipeline(
-        "v1-5-pruned-emaonly.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 0,
+    "rapm-2-sd15-to-4-step-lora.json": pipeline(
+        "v1-5-pruned-emaonly-fp16.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 0,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto",
              discriminator_heads="auto"),
         100, "sd15_rapm", SD15_NOTE),
-    "rapm_sdxl.json": pipeline(
+    "rapm-3-sdxl-to-4-step-lora.json": pipeline(
         "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 0,
         dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
              checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto",
              discriminator_heads="auto"),
         100, "sdxl_rapm", SDXL_NOTE),
-    "rapm_demo.json": pipeline(
+    "rapm-1-demo-emoji-teacher-no-downloads.json": pipeline(
         None, 32, DEMO_PROMPTS, 8, 5, 3.0, 4,
         dict(iterations=40, lora_rank=8, lora_alpha=8.0, learning_rate=1e-4, discriminator_learning_rate=1e-4,
              checkpoint_every=20, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto",
@@ -134,6 +148,8 @@ def to_ui(specs, classes):
               "properties": {"Node name for S&R": spec["type"]}, "widgets_values": []}
         if spec.get("title"):
             ui["title"] = spec["title"]
+        if spec.get("models"):
+            ui["properties"]["models"] = spec["models"]
         if spec["type"] == "Note":
             ui["widgets_values"] = [spec["widgets"]["text"]]
             nodes.append(ui)
@@ -174,7 +190,7 @@ def _ui_link_inputs(spec, classes):
 def main():
     from headless.comfy_host import boot
     nodes = boot(cpu=True)
-    out = REPO / "workflows"
+    out = REPO / "example_workflows"
     out.mkdir(exist_ok=True)
     for filename, specs in WORKFLOWS.items():
         workflow = to_ui([dict(s) for s in specs], nodes.NODE_CLASS_MAPPINGS)

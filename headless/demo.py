@@ -1,5 +1,5 @@
 """`make demo`: the whole RAPM pipeline (trajectories → training → LoRA file → teacher-vs-student
-images) from workflows/rapm_demo.json, run headless through ComfyUI's own executor on the built-in
+images) from example_workflows/rapm-1-demo-emoji-teacher-no-downloads.json, run headless through ComfyUI's own executor on the built-in
 emoji teacher (demo/rapm_emoji_teacher.safetensors). Outputs go to out/demo/."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "out" / "demo"), help="where models and outputs go (default out/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="passed to headless/run.py --set")
-    p.add_argument("--workflow", default=str(REPO / "workflows" / "rapm_demo.json"))
+    p.add_argument("--workflow", default=str(REPO / "example_workflows" / "rapm-1-demo-emoji-teacher-no-downloads.json"))
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     models, output = out / "models", out / "output"

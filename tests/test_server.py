@@ -28,10 +28,10 @@ def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
         info = _get(f"{base}/object_info/RAPMSampler")
         assert "RAPMSampler" in info
         assert info["RAPMSampler"]["input"]["required"]["steps"][1]["default"] == 4
-        # the pack's workflows/ folder is served as its templates in the template browser
+        # the pack's example_workflows/ folder is served as its templates in the template browser
         templates = _get(f"{base}/workflow_templates")
-        assert sorted(templates.get("comfy-rapm", [])) == ["rapm_demo", "rapm_sd15", "rapm_sdxl"]
-        with urllib.request.urlopen(f"{base}/api/workflow_templates/comfy-rapm/rapm_sd15.json", timeout=5) as r:
+        assert sorted(templates.get("comfy-rapm", [])) == ["rapm-1-demo-emoji-teacher-no-downloads", "rapm-2-sd15-to-4-step-lora", "rapm-3-sdxl-to-4-step-lora"]
+        with urllib.request.urlopen(f"{base}/api/workflow_templates/comfy-rapm/rapm-2-sd15-to-4-step-lora.json", timeout=5) as r:
             assert any(n["type"] == "RAPMTrain" for n in json.loads(r.read())["nodes"])
 
         prompt = {

@@ -11,7 +11,7 @@ from headless import run, tiny_models
 from headless.convert import widget_slots
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 SMALL = ["Teacher Trajectories (RAPM).count=2", "Teacher Trajectories (RAPM).fine_steps=2",
          "RAPM Train.iterations=4", "RAPM Train.lora_rank=2", "Teacher (20 DDIM steps, cfg 3.0).steps=2"]
 
@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 
 
 def test_the_three_workflows_ship():
-    assert {p.name for p in WORKFLOWS} == {"rapm_sd15.json", "rapm_sdxl.json", "rapm_demo.json"}
+    assert {p.name for p in WORKFLOWS} == {"rapm-2-sd15-to-4-step-lora.json", "rapm-3-sdxl-to-4-step-lora.json", "rapm-1-demo-emoji-teacher-no-downloads.json"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -55,7 +55,7 @@ def test_workflow_converts_with_matching_widget_counts(host, path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_validates_with_a_checkpoint_present(host, path, models, tmp_path, keep_output, capsys):
-    pick = [] if path.stem == "rapm_demo" else ["--set", "Teacher checkpoint.ckpt_name=tiny.safetensors"]
+    pick = [] if path.stem == "rapm-1-demo-emoji-teacher-no-downloads" else ["--set", "Teacher checkpoint.ckpt_name=tiny.safetensors"]
     code = run.main([str(path), "--print-api", "--models", str(models), "--output-directory", str(tmp_path)] + pick)
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -69,7 +69,7 @@ def _student_pixels(folder):
 
 
 def test_demo_runs_end_to_end_and_ui_equals_api(host, models, tmp_path, keep_output, capsys):
-    demo = REPO / "workflows" / "rapm_demo.json"
+    demo = REPO / "example_workflows" / "rapm-1-demo-emoji-teacher-no-downloads.json"
     sets = [a for s in SMALL for a in ("--set", s)]
     ui_out, api_out = tmp_path / "ui", tmp_path / "api"
     assert run.main([str(demo), "--models", str(models), "--output-directory", str(ui_out), "--quiet"] + sets) == 0
@@ -93,7 +93,7 @@ def _printed_api(capsys, demo, models, out, sets):
 
 
 def test_unknown_set_targets_and_bad_values_fail_clearly(host, models, tmp_path, keep_output, capsys):
-    demo = REPO / "workflows" / "rapm_demo.json"
+    demo = REPO / "example_workflows" / "rapm-1-demo-emoji-teacher-no-downloads.json"
     base = [str(demo), "--models", str(models), "--output-directory", str(tmp_path), "--print-api"]
     assert run.main(base + ["--set", "No Such Node.count=1"]) == 2
     assert "No Such Node" in capsys.readouterr().err
@@ -102,3 +102,17 @@ def test_unknown_set_targets_and_bad_values_fail_clearly(host, models, tmp_path,
     assert run.main(base + ["--set", "RAPM Train.iterations=-5"]) != 0
     err = capsys.readouterr().err
     assert "RAPM Train" in err and "iterations" in err
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflows_name_the_checkpoint_they_expect_and_say_where_files_go(path):
+    """The front end's missing-models dialog reads node.properties.models: name, address and folder."""
+    workflow = json.loads(path.read_text())
+    loaders = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    for loader in loaders:
+        (model,) = loader["properties"]["models"]
+        assert model["name"] == loader["widgets_values"][0] and model["directory"] == "checkpoints"
+        assert model["url"].startswith("https://huggingface.co/") and model["name"] in model["url"]
+    note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "output/rapm_trajectories/" in note and "output/rapm_runs/" in note and "models/loras/rapm/" in note
+    assert ("models/checkpoints/" in note) == bool(loaders)
