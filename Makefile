@@ -8,7 +8,7 @@ TESTS ?= tests
 HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py tests/test_workflows.py \
 	tests/test_server.py tests/test_frontend.py tests/test_sampler_node.py tests/test_trajectories.py \
 	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py tests/test_layout.py
-HOST_DIR = .comfyui/hosts/$(HOST)
+HOST_DIR = $(CURDIR)/.comfyui/hosts/$(HOST)
 
 .PHONY: setup test test-host demo clean
 

@@ -2,7 +2,7 @@
 pack's templates, titled by their file names) from the specs below,
 taking widget order and output types from the installed nodes' own INPUT_TYPES / RETURN_TYPES.
 
-    .venv/bin/python headless/build_workflows.py
+    .venv/bin/python headless/build_workflows.py [--thumbnails]
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def pipeline(ckpt, size, prompts, count, fine_steps, cfg, batch_size, train, tea
                           seed=0, name=name)),
         dict(id=4, type="RAPMSaveLoRA", pos=(1380, 0), inputs={"lora": (3, 1)},
              widgets={"filename_prefix": f"rapm/{name}", "key_format": "comfyui"}),
-        dict(id=5, type="LossGraphNode", pos=(1380, 280), inputs={"loss": (3, 2)}, widgets={"filename_prefix": f"rapm/{name}_loss"}),
+        dict(id=5, type="LossGraphNode", pos=(1380, 280), inputs={"loss": (3, 2)}, widgets={"filename_prefix": f"rapm_{name}_loss"}),
         dict(id=6, type="CLIPTextEncode", title="Sample prompt", pos=(460, 720), inputs={"clip": (1, 1)},
              widgets={"text": sample_prompt}),
         dict(id=7, type="CLIPTextEncode", title="Negative (teacher only)", pos=(460, 980), inputs={"clip": (1, 1)},
@@ -187,7 +187,51 @@ def _ui_link_inputs(spec, classes):
     return [{"name": n} for n, _, _ in spec_entries(cls) if n not in widget_slots(cls) and n in spec.get("_links", {})]
 
 
-def main():
+THUMBNAIL_SIZE = (640, 400)
+# The card's picture: its graph, and what it does in two lines (the front end titles the card by the file name).
+THUMBNAIL_CAPTIONS = {
+    "rapm-1-demo-emoji-teacher-no-downloads": ("Demo: distill the built-in emoji teacher", "no downloads, minutes on a CPU"),
+    "rapm-2-sd15-to-4-step-lora": ("SD1.5 to a 4-step LoRA", "trajectories, RAPM training, LoRA file"),
+    "rapm-3-sdxl-to-4-step-lora": ("SDXL to a 4-step LoRA", "trajectories, RAPM training, LoRA file"),
+}
+
+
+def thumbnails(folder: Path) -> None:
+    """<name>.jpg beside each workflow, the picture the template browser shows on its card: the graph as the real
+    front end draws it (ComfyUI's server on the CPU, headless Chromium) under a caption."""
+    import tempfile
+    from PIL import Image, ImageDraw, ImageFont
+    from headless import frontend
+    from headless.comfy_host import serve
+    left, top = 72, 110  # below the front end's tab bar, right of its side bar
+    width, height = frontend.VIEWPORT["width"] - left, frontend.VIEWPORT["height"] - top - 80
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        args = ["--cpu", "--user-directory", str(frontend.user_directory(tmp)), "--output-directory", str(tmp / "out"),
+                "--disable-api-nodes"]
+        with serve(args, tmp / "server.log") as url, frontend.open_page(url, tmp / "profile") as page:
+            for path in sorted(folder.glob("*.json")):
+                frontend.load_workflow(page, json.loads(path.read_text()))
+                frontend.close_dialogs(page)  # the missing-models dialog: the picture is of the graph
+                frontend.fit_graph(page, left=left + 16, top=top + 170, margin=24)
+                shot = tmp / (path.stem + ".png")
+                page.screenshot(path=str(shot), clip={"x": left, "y": top, "width": width, "height": height})
+                image = Image.open(shot).convert("RGB")
+                image.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)
+                draw = ImageDraw.Draw(image)
+                draw.rectangle([0, 0, image.width, 64], fill=(24, 24, 28))
+                title, subtitle = THUMBNAIL_CAPTIONS[path.stem]
+                draw.text((14, 6), title, fill=(240, 240, 240), font=ImageFont.load_default(size=30))
+                draw.text((14, 40), subtitle, fill=(170, 170, 180), font=ImageFont.load_default(size=18))
+                image.save(path.with_suffix(".jpg"), quality=85, optimize=True)
+                print("wrote", path.with_suffix(".jpg"))
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--thumbnails", action="store_true", help="also draw each workflow's template thumbnail (.jpg)")
+    args = parser.parse_args(argv)
     from headless.comfy_host import boot
     nodes = boot(cpu=True)
     out = REPO / "example_workflows"
@@ -196,6 +240,8 @@ def main():
         workflow = to_ui([dict(s) for s in specs], nodes.NODE_CLASS_MAPPINGS)
         (out / filename).write_text(json.dumps(workflow, indent=1) + "\n")
         print("wrote", out / filename)
+    if args.thumbnails:
+        thumbnails(out)
 
 
 if __name__ == "__main__":

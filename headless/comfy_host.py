@@ -1,11 +1,13 @@
-"""Start ComfyUI's own machinery in this process (no HTTP server): the node registry, the
-folder paths and the executor. Shared by headless/run.py and the tests.
+"""ComfyUI started the two ways this project uses it: its machinery in this process (no HTTP server: the node
+registry, the folder paths, the executor), or its own server (main.py) in a subprocess. Shared by
+headless/run.py, the benchmarks and the tests.
 
-Order matters (DESIGN.md §3): cli args before comfy.model_management, utils.extra_config before
+In-process, order matters: cli args before comfy.model_management, utils.extra_config before
 nodes, custom nodes loaded through the host's own loader."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -34,6 +36,56 @@ def find_comfyui(explicit: str | None = None) -> Path:
                 raise HostNotFound(f"{source} points at {path}, which is not a ComfyUI folder (no main.py and comfy/)")
     raise HostNotFound("ComfyUI not found: pass --comfyui PATH, set COMFYUI_PATH, or run `make setup` "
                        "to install the host at .comfyui/ComfyUI")
+
+
+class ServerFailed(RuntimeError):
+    """The host's server exited or did not answer; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(args: list[str], log_path: str | os.PathLike, comfyui: str | None = None, env: dict | None = None,
+          timeout: float = 120.0):
+    """The host's own server, `main.py` with `args` (what a user types after it), in a subprocess on a free local
+    port; yields its base URL once it serves this pack's nodes, and stops it on exit. Its log goes to log_path."""
+    import json
+    import subprocess
+    import time
+    import urllib.request
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--disable-auto-launch", *args], cwd=find_comfyui(comfyui), stdout=log,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise ServerFailed(f"the server exited ({proc.returncode}):\n" + Path(log_path).read_text()[-3000:])
+                try:
+                    with urllib.request.urlopen(f"{url}/object_info/RAPMSampler", timeout=5) as r:
+                        if "RAPMSampler" in json.loads(r.read()):
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerFailed(f"the server did not serve the pack's nodes in {timeout:.0f} s:\n"
+                                       + Path(log_path).read_text()[-3000:])
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 _booted: dict = {}
@@ -68,7 +120,9 @@ def boot(comfyui: str | None = None, cpu: bool | None = None, output_directory: 
     if output_directory:  # temporary files (previews, loss graphs) under it too, as main.py's --temp-directory
         os.makedirs(output_directory, exist_ok=True)
         folder_paths.set_output_directory(os.path.abspath(output_directory))
-        folder_paths.set_temp_directory(os.path.join(os.path.abspath(output_directory), "temp"))
+        temp = os.path.join(os.path.abspath(output_directory), "temp")
+        os.makedirs(temp, exist_ok=True)  # main.py makes it; some nodes write into it without checking
+        folder_paths.set_temp_directory(temp)
     if input_directory:
         os.makedirs(input_directory, exist_ok=True)
         folder_paths.set_input_directory(os.path.abspath(input_directory))

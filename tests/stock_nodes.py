@@ -7,4 +7,4 @@ def call(node_class, *args):
     if hasattr(node_class, "define_schema"):
         return tuple(node_class.execute(*args).args)
     out = getattr(node_class(), node_class.FUNCTION)(*args)
-    return tuple(out["result"] if isinstance(out, dict) else out)
+    return tuple(out.get("result", ()) if isinstance(out, dict) else out)

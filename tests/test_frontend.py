@@ -1,9 +1,9 @@
 """The real web front end: the ComfyUI server (main.py --cpu) with its front end (the pip package
-comfyui-frontend-package) in headless Chromium, driven by Playwright (the PyPI package's driver only; the
-browser is the system's Chromium, so nothing downloads one). Each example_workflows/*.json is loaded through the
+comfyui-frontend-package) in headless Chromium (headless/frontend.py). Each example_workflows/*.json is loaded through the
 front end's own `app.loadGraphData`, then:
 
-  * no missing-nodes dialog (the front end's "global-missing-nodes" dialog, `.comfy-missing-nodes` list)
+  * no missing-nodes dialog (the front end's "global-missing-nodes" dialog, `.comfy-missing-nodes` list),
+    the missing-models dialog offering exactly the checkpoints the workflow names (none are on this server),
     and no other dialog or error/warning toast is showing, `app.showMissingNodesError` was never called,
     and every node in `app.graph` is an instance of its registered type (a missing type becomes a bare
     LGraphNode placeholder with has_errors);
@@ -17,37 +17,19 @@ Chromium comes from scripts/setup.sh (Debian `chromium`); RAPM_CHROMIUM override
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from comfy_server import running_server
+from headless import frontend
 from headless.comfy_host import boot
 from headless.convert import widget_slots
 
 pytestmark = pytest.mark.frontend
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = ["rapm-2-sd15-to-4-step-lora.json", "rapm-3-sdxl-to-4-step-lora.json", "rapm-1-demo-emoji-teacher-no-downloads.json"]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage"]  # containers often give /dev/shm only 64 MB
-VIEWPORT = {"width": 1920, "height": 1200}
-# Seeded into the server's fresh user directory: no first-run templates dialog, no minimap over the
-# graph, and the missing-nodes warning on (its default) whatever the front end's defaults become.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingNodesWarning": True,
-            "Comfy.Minimap.Visible": False}
-
-
-def _chromium():
-    for candidate in (os.environ.get("RAPM_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                      "/usr/bin/chromium"):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("Chromium not found: run scripts/setup.sh as root (it installs Debian's `chromium`), "
-                "or `apt-get install chromium`, or set RAPM_CHROMIUM to a Chromium/Chrome binary")
-
+WORKFLOWS = sorted(p.name for p in (REPO / "example_workflows").glob("*.json"))
 
 
 def _same(a, b):
@@ -60,11 +42,9 @@ def _same(a, b):
 def server(tmp_path_factory):
     """main.py --cpu on a free port, with fresh user/input/output folders. Yields its base URL."""
     base_dir = tmp_path_factory.mktemp("frontend_server")
-    user = base_dir / "user"
-    (user / "default").mkdir(parents=True)
-    (user / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     with running_server(base_dir, "--output-directory", str(base_dir / "output"), "--input-directory",
-                        str(base_dir / "input"), "--user-directory", str(user), "--disable-api-nodes") as url:
+                        str(base_dir / "input"), "--user-directory", str(frontend.user_directory(base_dir)),
+                        "--disable-api-nodes") as url:
         yield url
 
 
@@ -72,26 +52,7 @@ def server(tmp_path_factory):
 def page(server, tmp_path_factory):
     """Headless Chromium (fresh user-data-dir) on the front end, app and node definitions loaded."""
     try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: `pip install -e .[test]` (scripts/setup.sh does it)")
-    chromium = _chromium()
-    profile = tmp_path_factory.mktemp("chromium_profile")
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT,
-            timeout=60_000)
-        try:
-            pg = context.pages[0] if context.pages else context.new_page()
-            pg.page_errors = []
-            pg.on("pageerror", lambda e: pg.page_errors.append(str(e)))
-            # The "Introducing Nodes 2.0" banner would cover the top of every screenshot.
-            pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-            pg.goto(server + "/", timeout=60_000)
-            pg.wait_for_function(
-                "() => window.app && app.graph && app.canvas && window.LiteGraph"
-                " && 'RAPMSampler' in LiteGraph.registered_node_types"
-                " && !document.querySelector('.p-progressspinner, #loading-container')", timeout=60_000)
+        with frontend.open_page(server, tmp_path_factory.mktemp("chromium_profile")) as pg:
             # Record every missing-node report, whatever the setting or the dialog's look.
             pg.evaluate("""() => {
                 window.__rapmMissing = [];
@@ -99,8 +60,8 @@ def page(server, tmp_path_factory):
                 app.showMissingNodesError = (types) => { window.__rapmMissing.push(...types); return original(types); };
             }""")
             yield pg
-        finally:
-            context.close()
+    except frontend.FrontendUnavailable as e:
+        pytest.fail(str(e))
 
 
 STATE_JS = """() => {
@@ -126,32 +87,6 @@ STATE_JS = """() => {
         })),
     };
 }"""
-
-FIT_JS = """([left, top, margin]) => {
-    const rects = app.graph._nodes.map(n => n.boundingRect);
-    const x0 = Math.min(...rects.map(r => r[0])), y0 = Math.min(...rects.map(r => r[1]));
-    const x1 = Math.max(...rects.map(r => r[0] + r[2])), y1 = Math.max(...rects.map(r => r[1] + r[3]));
-    const el = app.canvas.canvas, w = el.clientWidth, h = el.clientHeight;
-    const scale = Math.min(1, (w - left - margin) / (x1 - x0), (h - top - margin) / (y1 - y0));
-    app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [left / scale - x0, top / scale - y0];
-    app.canvas.setDirty(true, true);
-    app.canvas.draw(true, true);
-    return scale;
-}"""
-
-
-def _load(page, workflow):
-    for _ in range(3):  # close what the last workflow opened (the missing-models dialog)
-        if not page.locator(".p-dialog").count():
-            break
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(200)
-    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
-    # Let dialogs/toasts mount and the canvas draw every node (widgets get their y when drawn).
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-    page.wait_for_timeout(300)
-
 
 def _overlaps(a, b):
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
@@ -227,9 +162,8 @@ def test_workflows_load_in_the_real_front_end(page, tmp_path):
     for name in WORKFLOWS:
         workflow = json.loads((REPO / "example_workflows" / name).read_text())
         errors_before = len(page.page_errors)
-        _load(page, workflow)
-        page.evaluate(FIT_JS, [72, 110, 24])
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        frontend.load_workflow(page, workflow)
+        frontend.fit_graph(page)
         shot = shots / (Path(name).stem + ".png")
         page.screenshot(path=str(shot))
         state = page.evaluate(STATE_JS)
@@ -245,7 +179,7 @@ def test_workflows_load_in_the_real_front_end(page, tmp_path):
     # The checks above can fail: a type the server does not know brings up the dialog and a placeholder.
     bogus = json.loads((REPO / "example_workflows" / WORKFLOWS[0]).read_text())
     bogus["nodes"][0]["type"] = "RAPMNoSuchNode"
-    _load(page, bogus)
+    frontend.load_workflow(page, bogus)
     state = page.evaluate(STATE_JS)
     assert "RAPMNoSuchNode" in state["missingReported"]
     assert any("RAPMNoSuchNode" in text for text in state["missingDialog"]), state["dialogs"]
@@ -263,3 +197,23 @@ def test_every_rapm_node_type_builds_its_widgets(page):
         return [t, n && n.constructor === LiteGraph.registered_node_types[t] ? (n.widgets || []).map(w => w.name) : null];
     }))""", rapm)
     assert built == {name: widget_slots(classes[name]) for name in rapm}
+
+
+def test_the_template_browser_shows_a_card_with_a_picture_for_each_workflow(page, tmp_path):
+    """The pack's templates as the front end lists them: one card per example workflow, titled by its file name
+    (the front end's rule for packs' templates) and showing its thumbnail (<name>.jpg, served by the host)."""
+    names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    assert names[0].startswith("rapm-1-demo")  # the demo first wherever the list is sorted by name
+    frontend.close_dialogs(page)
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text("comfy-rapm", exact=True).first.click()
+    page.wait_for_function("""(names) => names.every(n => Array.from(document.querySelectorAll('.p-dialog img'))
+        .some(i => i.alt === n && i.complete && i.naturalWidth > 0))""", arg=names, timeout=30_000)
+    cards = page.evaluate("""() => Array.from(document.querySelectorAll('.p-dialog img'))
+        .map(i => ({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight}))""")
+    shots = Path(os.environ.get("RAPM_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "template_browser.png"))
+    frontend.close_dialogs(page)
+    assert sorted(c["alt"] for c in cards) == names, cards
+    assert all(c["width"] >= 320 and c["height"] >= 200 for c in cards), cards

@@ -5,16 +5,10 @@ import urllib.request
 
 import pytest
 
-from comfy_server import get_json as _get, running_server
+from comfy_server import get_json as _get, post_json as _post, running_server
 from headless import tiny_models
 
 pytestmark = pytest.mark.server
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
@@ -33,6 +27,9 @@ def test_server_lists_the_nodes_and_runs_rapm_sampler(tmp_path):
         assert sorted(templates.get("comfy-rapm", [])) == ["rapm-1-demo-emoji-teacher-no-downloads", "rapm-2-sd15-to-4-step-lora", "rapm-3-sdxl-to-4-step-lora"]
         with urllib.request.urlopen(f"{base}/api/workflow_templates/comfy-rapm/rapm-2-sd15-to-4-step-lora.json", timeout=5) as r:
             assert any(n["type"] == "RAPMTrain" for n in json.loads(r.read())["nodes"])
+        for name in templates["comfy-rapm"]:  # each card's picture
+            with urllib.request.urlopen(f"{base}/api/workflow_templates/comfy-rapm/{name}.jpg", timeout=5) as r:
+                assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
         prompt = {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},

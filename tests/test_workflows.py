@@ -116,3 +116,11 @@ def test_workflows_name_the_checkpoint_they_expect_and_say_where_files_go(path):
     note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
     assert "output/rapm_trajectories/" in note and "output/rapm_runs/" in note and "models/loras/rapm/" in note
     assert ("models/checkpoints/" in note) == bool(loaders)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_workflow_has_a_template_thumbnail(path):
+    thumbnail = path.with_suffix(".jpg")  # what the template browser shows on the card (headless/build_workflows.py)
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.width >= 320 and image.height >= 200
+        assert np.asarray(image.convert("L")).std() > 10  # a picture, not a blank
