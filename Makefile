@@ -5,7 +5,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS := 1
 TESTS ?= tests
 # What touches the host: nodes, runner, trainer cancel/resume, workflows, the real server and front end.
-HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py tests/test_workflows.py \
+HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py tests/test_workflows.py tests/test_frontend_run.py \
 	tests/test_server.py tests/test_frontend.py tests/test_sampler_node.py tests/test_trajectories.py \
 	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py tests/test_layout.py
 HOST_DIR = $(CURDIR)/.comfyui/hosts/$(HOST)

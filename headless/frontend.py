@@ -85,12 +85,20 @@ def next_frames(page) -> None:
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
+TOASTS = ".p-toast-message, [role=alert], [role=status]"  # PrimeVue's (front end 1.3x) and 1.4x's notices
+
+
 def close_dialogs(page) -> None:
+    """Close open dialogs and dismiss toasts, as a user would before going on."""
     for _ in range(3):
-        if not page.locator(".p-dialog").count():
-            return
+        if not page.locator(".p-dialog, [role=dialog]").count():
+            break
         page.keyboard.press("Escape")
         page.wait_for_timeout(200)
+    page.evaluate("""(selector) => { for (const toast of document.querySelectorAll(selector))
+        for (const b of toast.querySelectorAll('button')) if (/close|dismiss/i.test(b.getAttribute('aria-label') || '')
+            || b.classList.contains('p-toast-close-button')) b.click(); }""", TOASTS)
+    page.wait_for_timeout(200)
 
 
 def load_workflow(page, workflow: dict) -> None:

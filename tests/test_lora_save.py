@@ -114,7 +114,7 @@ def test_lora_model_and_loss_map_work_with_the_stock_training_nodes(host, traine
         loaded = call(LoraModelLoader, teacher, lora, 1.0)[0]
     assert _rel(_sample(host, loaded), _sample(host, model)) <= 1e-6
     call(SaveLoRA, lora, "rapm_test/stock_saved")
-    call(LossGraphNode, loss, "rapm_test/loss")
+    call(LossGraphNode, loss, "rapm_test_loss")  # no subfolder: 0.3.52's node does not create one
 
 
 def test_trajectories_train_save_and_stock_lora_loader_through_the_executor(host, tmp_path, capsys):
