@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: python headless/run.py
     if _repo not in sys.path:
         sys.path.insert(0, _repo)
 
-from headless import comfy_host  # noqa: E402
+from headless import comfy_host, ranks  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -753,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dry run: print the API-format graph (after --set), validate it, run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output; print only output paths and errors")
     p.add_argument("--verbose", action="store_true", help="show ComfyUI's own log (and full tracebacks)")
+    ranks.add_arguments(p)
     return p
 
 
@@ -783,6 +784,12 @@ def _main(args) -> int:
         if not os.path.isdir(folder):
             _err(f"--models {folder}: no such folder")
             return EXIT_USAGE
+
+    try:
+        ranks.start(args)  # under torchrun: this process's GPU and the process group (else nothing)
+    except ranks.LaunchError as e:
+        _err(str(e))
+        return EXIT_USAGE
 
     # boot the host (quietly: import warnings about optional extras are noise here)
     if not args.verbose:
@@ -921,6 +928,11 @@ def _validate_and_run(args, api, ui_workflow, classes, display, t0) -> int:
                 for line in lines:
                     print(f"  {line}", file=sys.stderr)
             return EXIT_FAILED
+        try:
+            good_outputs = ranks.outputs_for_rank(api, good_outputs)  # torchrun: ranks > 0 stop after the trajectories
+        except ranks.LaunchError as e:
+            _err(str(e))
+            return EXIT_USAGE
         if args.print_api:
             return EXIT_OK
         if state.cancelled:
