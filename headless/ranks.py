@@ -95,6 +95,10 @@ def start(args) -> Launch | None:
     timeout = float(getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
     if not timeout > 0:
         raise LaunchError(f"--dist-timeout {timeout:g}: give a number of seconds above 0")
+    torch_module = sys.modules.get("torch")
+    if not args.cpu and torch_module is not None and torch_module.cuda.is_initialized():
+        raise LaunchError("CUDA was started in this process before headless/ranks.py chose its GPU: call ranks.start() "
+                          "before anything touches CUDA")
     chosen = "cpu (--cpu)" if args.cpu else select_gpu(local_rank)
     if rank > 0 and not args.verbose:
         args.quiet = True  # one progress display: rank 0's
@@ -103,15 +107,17 @@ def start(args) -> Launch | None:
     use_cuda = not args.cpu and torch.cuda.is_available()
     if not dist.is_available():
         raise LaunchError("this torch has no torch.distributed: run one process (python headless/run.py …)")
-    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
-    atexit.register(_shutdown)
-    device = f"{chosen} ({torch.cuda.get_device_name(0)})" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(0)  # the one GPU this process sees
     kinds = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     try:
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_shutdown)
         dist.all_gather(kinds, torch.tensor([1 if use_cuda else 0], dtype=torch.int64))
-    except RuntimeError as e:
+    except RuntimeError as e:  # (torch's store and backend errors derive from it)
         raise LaunchError(f"rank {rank} of {world}: the other ranks did not join within {timeout:.0f} s "
                           f"({' '.join(str(e).split())[:300]})") from None
+    device = f"{chosen} ({torch.cuda.get_device_name(0)})" if use_cuda else "cpu"
     without = [r for r, k in enumerate(kinds) if not int(k)]
     if 0 < len(without) < world:
         raise LaunchError(f"rank(s) {', '.join(map(str, without))} have no GPU while the others use one: start at most "

@@ -5,7 +5,7 @@ bytes for the same shard.
     WORLD_SIZE=2 RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=P python tests/dist_store_worker.py FOLDER SCENARIO TIMEOUT
 
 Scenarios: "ok"; "slow" (rank 1 stalls 60 s after its first shard); "fail" (rank 1 raises on its second
-shard). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
+shard); "other-cfg" (the same set asked for with another cfg). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
 from __future__ import annotations
 
 import json
@@ -24,9 +24,9 @@ from comfy_rapm import trajectories  # noqa: E402
 COUNT, BATCH = 7, 2  # 4 shards, the last one short
 
 
-def spec() -> trajectories.Spec:
+def spec(cfg: float = 2.0) -> trajectories.Spec:
     return trajectories.Spec(prompts=["a", "b", "c"], negative_prompt="", width=16, height=16, count=COUNT, steps=2,
-                             fine_steps=2, cfg=2.0, seed=10, batch_size=BATCH,
+                             fine_steps=2, cfg=cfg, seed=10, batch_size=BATCH,
                              model={"family": "test", "latent_shape": [4, 2, 2], "num_timesteps": 1000})
 
 
@@ -55,7 +55,7 @@ def main() -> int:
 
     result = {"rank": rank, "ok": True, "error": ""}
     try:
-        store = trajectories.Store.open(folder, spec())
+        store = trajectories.Store.open(folder, spec(cfg=2.5 if scenario == "other-cfg" else 2.0))
         result["share"] = [s.index for s in store.pending()]
         trajectories.generate(store, batch)
         result["complete"] = store.trajectory_set().manifest["complete"]
