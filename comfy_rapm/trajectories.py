@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class Spec:
                 "cfg": float(self.cfg), "seed": self.seed, "batch_size": self.batch_size, "model": self.model,
                 "sampler_version": SAMPLER_VERSION}
 
+
 def inputs_digest(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(spec.inputs(), sort_keys=True).encode()).hexdigest()
 
@@ -139,7 +141,6 @@ def _describe(error: BaseException | None) -> str:
         return ""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}"[:600] if text else type(error).__name__
-
 
 
 def generate_positions(denoise: solver.Denoiser, model_sampling, noise: torch.Tensor, slots: list[list[int]],
@@ -288,7 +289,6 @@ class Store:
         })
         self.manifest["complete"] = not self.unrecorded()
         storage.write_json(self.folder / "manifest.json", self.manifest)
-
 
 
 class SharedStore(Store):
@@ -441,7 +441,6 @@ class SharedStore(Store):
 
 def _appears(path: Path, seconds: float) -> bool:
     """Wait up to `seconds` for a file another machine wrote (network file systems cache negative look-ups)."""
-    import time
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.5)

@@ -2,6 +2,7 @@
 torch processes, then the real runner under torchrun with the real host and a tiny checkpoint."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,7 +95,7 @@ def test_a_rank_that_does_not_come_is_named_and_its_journal_resumes(tmp_path):
         procs[1].kill()
         procs[1].communicate()
     assert not rank0["ok"] and "rank 0 of 2" in rank0["error"] and "within 10 s" in rank0["error"]
-    assert "Ranks 1 failed to pass monitoredBarrier" in rank0["error"] or "rank 1" in rank0["error"].lower()
+    assert re.search(r"Ranks? 1 failed to pass monitoredBarrier", rank0["error"])  # names the one that did not come
     # rank 0 recorded what rank 1 had journaled before it stalled (its first shard, 1)
     manifest = json.loads((tmp_path / "slow" / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors",
@@ -230,7 +231,7 @@ def test_a_killed_rank_keeps_its_shards_and_three_processes_resume_byte_for_byte
     assert done.stderr.count("rank 0 of 3 on") == 1 and "rank 1 of 3 on" not in done.stderr  # ranks > 0 quiet
 
 
-def test_several_trajectory_nodes_are_refused_under_torchrun(host):
+def test_several_trajectory_nodes_are_refused_under_torchrun():
     from headless import ranks
     api = _workflow("x.safetensors")
     api["5"] = dict(api["2"])
