@@ -2,15 +2,15 @@
 messages they exchange. Plain torch.distributed; the only module of the pack that calls it.
 
 A process takes part only when torch.distributed is initialised with more than one rank (the
-headless runner does that under torchrun: headless/ranks.py); everywhere else
-(the ComfyUI UI, tests, a plain `python headless/run.py`) `current()` is None and callers keep
-their one-process path.
+headless runner does that under torchrun: headless/ranks.py); everywhere else (the ComfyUI UI,
+tests, a plain `python headless/run.py`) `current()` is None and callers keep their one-process path.
 
-Messages are UTF-8 text (JSON) in uint8 tensors over a gloo group on the CPU, never pickled
-objects. On GPUs the default group is NCCL (`cuda:nccl`, with `cpu:gloo` beside it) and the messages
-go through a separate gloo group, the one backend whose barrier reports which ranks did not arrive.
-Every wait is bounded by the group's timeout; a timeout or a lost peer becomes a RankError whose
-message names this rank and, where known, the ranks that did not answer."""
+Messages are UTF-8 text (JSON) in uint8 tensors on the CPU, never pickled objects, over the default
+group's gloo backend (the runner makes a gloo group on GPUs too: the ranks exchange a few kilobytes,
+and gloo's barrier is the one that reports which ranks did not arrive). Every wait is bounded by the
+group's timeout; a timeout or a lost peer becomes a RankError whose message names this rank and,
+where known, the ranks that did not answer. Nothing here keeps a reference to the process group (one
+that outlives destroy_process_group can abort the process at exit)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,6 @@ from datetime import timedelta
 import torch
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; what the ranks wait when the group does not say
-_control: dict = {}  # id(default process group) → gloo group for the messages
 
 
 class RankError(RuntimeError):
@@ -41,20 +40,19 @@ def current() -> "Group | None":
         return None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return None
-    timeout_s = group_timeout(dist.group.WORLD)
-    key = id(dist.group.WORLD)
-    if key not in _control:
-        if dist.get_backend() == "gloo":
-            _control[key] = dist.group.WORLD
-        else:  # a collective: every rank makes it at the same point, its first use
-            _control[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return Group(rank=dist.get_rank(), world=dist.get_world_size(), timeout_s=timeout_s, _group=_control[key])
+    group = Group(rank=dist.get_rank(), world=dist.get_world_size(), timeout_s=group_timeout())
+    if "gloo" not in str(dist.get_backend()):
+        raise RankError(f"{group.label}: torch.distributed is initialised with {dist.get_backend()!r}; making a trajectory "
+                        "set in several processes needs a gloo backend for its messages (init_process_group('gloo') "
+                        "or 'cpu:gloo,cuda:nccl'; headless/run.py under torchrun does that)")
+    return group
 
 
-def group_timeout(group) -> float:
-    """The timeout the group was made with (init_process_group(timeout=…)), in seconds."""
+def group_timeout() -> float:
+    """The timeout the default group was made with (init_process_group(timeout=…)), in seconds."""
     try:
-        return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+        dist = _dist()
+        return float(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds())
     except Exception:  # noqa: BLE001  (private API of torch.distributed; older or newer torch)
         return DEFAULT_TIMEOUT_S
 
@@ -64,7 +62,6 @@ class Group:
     rank: int
     world: int
     timeout_s: float
-    _group: object = None
 
     @property
     def label(self) -> str:
@@ -81,8 +78,8 @@ class Group:
         """Wait for every rank; rank 0 names the ranks that did not come, the others name rank 0."""
         dist = _dist()
         try:
-            dist.monitored_barrier(self._group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True)
-        except RuntimeError as e:
+            dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True)
+        except (RuntimeError, ValueError) as e:  # (ValueError: a group without gloo on an older torch)
             raise self._fail(what, e) from None
 
     def all_texts(self, text: str, what: str) -> list[str]:
@@ -91,12 +88,12 @@ class Group:
         data = _encode(text)
         try:
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-            dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=self._group)
+            dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
             longest = max(1, max(int(s) for s in sizes))
             padded = torch.zeros(longest, dtype=torch.uint8)
             padded[:data.numel()] = data
             out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
-            dist.all_gather(out, padded, group=self._group)
+            dist.all_gather(out, padded)
         except RuntimeError as e:
             raise self._fail(what, e) from None
         return [_decode(o[:int(s)]) for o, s in zip(out, sizes)]
@@ -105,13 +102,12 @@ class Group:
         """Rank 0's text on every rank (the others pass None)."""
         dist = _dist()
         data = _encode(text or "") if self.rank == 0 else None
-        src = dist.get_global_rank(self._group, 0) if self._group is not dist.group.WORLD else 0
         try:
             size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64)
-            dist.broadcast(size, src=src, group=self._group)
+            dist.broadcast(size, src=0)
             buf = data if data is not None else torch.zeros(int(size), dtype=torch.uint8)
             if int(size):
-                dist.broadcast(buf, src=src, group=self._group)
+                dist.broadcast(buf, src=0)
         except RuntimeError as e:
             raise self._fail(what, e) from None
         return _decode(buf)

@@ -16,7 +16,8 @@ processes resumes any set); each rank writes only its own shard files and record
 checksum, in its own journal (`<name>/journals/<run>-rank<r>.json`) instead of the manifest; after a
 barrier rank 0 checks every shard against the checksum its writer recorded and writes the manifest. A
 rank that dies leaves its journal: the next open, by any number of processes, takes in the shards
-whose files still match it."""
+whose files still match it. A rank that fails leaves a stop marker beside its journal, so the others
+stop after their current batch and all report it."""
 from __future__ import annotations
 
 import hashlib
@@ -117,8 +118,7 @@ def _remove_temporary_files(folder: Path) -> None:
     """What storage's atomic writes leave when a process is killed mid-write (.<name>.<random>.tmp)."""
     for where in (folder, folder / JOURNALS):
         if where.is_dir():
-            for path in where.glob(".*.tmp"):
-                _remove([path])
+            _remove(list(where.glob(".*.tmp")))
 
 
 def _remove(paths) -> None:
@@ -241,6 +241,9 @@ class Store:
                                          key=lambda s: s["start"])
         self._write_manifest()
 
+    def check_others(self) -> None:
+        """Before each shard: nothing to check for one process."""
+
     def finish(self, error: BaseException | None = None) -> None:
         """After the last shard (or a failure): nothing to do for one process."""
 
@@ -251,7 +254,8 @@ class Store:
     def _fold_journals(self) -> list[Path]:
         """Add the shards that ranks of an earlier multi-process run recorded in their journals (and that
         the manifest does not list yet) when the file still has the recorded checksum. Returns the
-        journals read, to remove once the manifest that holds their shards is written."""
+        journals read and the runs' stop markers, to remove once the manifest that holds their shards is
+        written (by the one process that opens the set, or by rank 0 after the ranks' last barrier)."""
         journals = self.folder / JOURNALS
         if not journals.is_dir():
             return []
@@ -278,7 +282,7 @@ class Store:
                 if file.is_file() and storage.sha256_file(file) == entry["sha256"]:
                     known[entry["file"]] = entry
         self.manifest["shards"] = sorted(known.values(), key=lambda s: s["start"])
-        return read
+        return read + sorted(journals.glob("*.stop"))
 
     def _write_manifest(self) -> None:
         spec = self.spec
@@ -289,6 +293,10 @@ class Store:
         })
         self.manifest["complete"] = not self.unrecorded()
         storage.write_json(self.folder / "manifest.json", self.manifest)
+
+
+class _Stopped(RuntimeError):
+    """This rank stopped because another one failed."""
 
 
 class SharedStore(Store):
@@ -355,6 +363,19 @@ class SharedStore(Store):
         written = {e["file"] for e in self.written}
         return [s for s in self.share if s.file not in written]
 
+    def _stop_markers(self) -> list[Path]:
+        return sorted((self.folder / JOURNALS).glob(f"{self.run}-rank*.stop"))
+
+    def check_others(self) -> None:
+        """A rank that failed leaves a marker: the others stop at their next shard instead of computing on
+        while it waits for them (what is finished is kept either way)."""
+        for marker in self._stop_markers():
+            try:
+                who = storage.read_json(marker)
+            except (OSError, ValueError):
+                who = {"rank": "?", "host": "?", "error": "?"}
+            raise _Stopped(f"rank {who.get('rank')} ({who.get('host')}) failed: {who.get('error')}")
+
     def _record(self, entry: dict) -> None:
         self.written.append(entry)
         storage.write_json(self.journal_path, {
@@ -366,27 +387,33 @@ class SharedStore(Store):
         """Wait for every rank, then rank 0 checks and records all their shards in the manifest. Raises
         (on every rank) when a rank failed or did not come, unless this rank has its own `error` to raise."""
         group, name = self.group, self.folder.name
-        if error is not None:
-            log.error("RAPM: %s failed on '%s': %s. Waiting for the other ranks to finish their shares.",
+        stopped = isinstance(error, _Stopped)
+        if error is not None and not stopped:
+            log.error("RAPM: %s failed on '%s': %s. The other ranks stop after their current batch.",
                       group.label, name, _describe(error))
-        status = {"rank": group.rank, "host": socket.gethostname(), "ok": error is None, "error": _describe(error),
-                  "shards": self.written}
+            try:
+                storage.write_json(self.folder / JOURNALS / f"{self.run}-rank{group.rank:05d}.stop",
+                                   {"rank": group.rank, "host": socket.gethostname(), "error": _describe(error)})
+            except OSError as e:
+                log.warning("RAPM: could not tell the other ranks to stop (%s); they finish their shares", e)
+        status = {"rank": group.rank, "host": socket.gethostname(), "ok": error is None, "stopped": stopped,
+                  "error": _describe(error), "shards": self.written}
         try:
             group.barrier(f"waiting for every rank to finish its share of '{name}'")
             statuses = [json.loads(t) for t in group.all_texts(json.dumps(status), f"collecting the ranks' results for '{name}'")]
         except distributed.RankError as e:
             if group.rank == 0:
                 self._record_what_is_there()
-            if error is not None:
+            if error is not None and not stopped:
                 log.error("RAPM: %s", e)
                 return
             raise
         reply = self._merge(statuses) if group.rank == 0 else None
         reply = json.loads(group.from_rank0(json.dumps(reply) if group.rank == 0 else None,
                                             f"waiting for rank 0 to write the manifest of '{name}'"))
-        if error is not None:
-            return
-        failed = [s for s in statuses if not s["ok"]]
+        if error is not None and not stopped:
+            return  # the caller raises this rank's own error
+        failed = [s for s in statuses if not s["ok"] and not s.get("stopped")]
         problems = reply.get("problems") or []
         if failed or problems or not reply.get("manifest", {}).get("complete"):
             done = sum(s["count"] for s in (reply.get("manifest") or {}).get("shards", []))
@@ -458,6 +485,7 @@ def generate(store: Store, run_batch: Callable[[list[str], list[int]], tuple[dic
     done = store.stored_count()
     try:
         for shard in store.pending():
+            store.check_others()
             indices = range(shard.start, shard.start + shard.count)
             prompts, seeds = [spec.prompt(i) for i in indices], [spec.seed_of(i) for i in indices]
             tensors, metadata = run_batch(prompts, seeds)

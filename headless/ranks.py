@@ -12,9 +12,12 @@ than 0 print only errors (and the files they wrote), unless --verbose.
 Device: each process uses the LOCAL_RANK-th GPU of those visible. Before torch starts CUDA in the
 process, CUDA_VISIBLE_DEVICES is narrowed to that one GPU (what ComfyUI's --cuda-device does), so
 every process sees its GPU as cuda:0 and creates no context on the others. With --cpu, or where no
-GPU is visible, the ranks compute on the CPU. The process group is `cuda:nccl` (with `cpu:gloo` for
-CPU tensors) on GPUs and `gloo` on CPUs; its timeout (--dist-timeout) bounds every wait of one rank
-for the others."""
+GPU is visible, the ranks compute on the CPU.
+
+The process group is gloo, on GPUs too: the ranks exchange only a few kilobytes of JSON (which shards
+are done, each rank's result) as CPU tensors, never a GPU tensor, and gloo's barrier names the ranks
+that did not arrive; an NCCL group would add a communicator per GPU (and its network set-up across
+machines) for no data. Its timeout (--dist-timeout) bounds every wait of one rank for the others."""
 from __future__ import annotations
 
 import atexit
@@ -111,7 +114,7 @@ def start(args) -> Launch | None:
         torch.cuda.set_device(0)  # the one GPU this process sees
     kinds = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     try:
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout))
         atexit.register(_shutdown)
         dist.all_gather(kinds, torch.tensor([1 if use_cuda else 0], dtype=torch.int64))
     except RuntimeError as e:  # (torch's store and backend errors derive from it)

@@ -4,8 +4,8 @@ bytes for the same shard.
 
     WORLD_SIZE=2 RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=P python tests/dist_store_worker.py FOLDER SCENARIO TIMEOUT
 
-Scenarios: "ok"; "slow" (rank 1 stalls 60 s after its first shard); "fail" (rank 1 raises on its second
-shard); "other-cfg" (the same set asked for with another cfg). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
+Scenarios: "ok"; "slow" (rank 1 stalls 60 s after its first shard); "fail" (rank 1 raises on its first
+shard while rank 0's batches take 2 s); "other-cfg" (the same set asked for with another cfg). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
 from __future__ import annotations
 
 import json
@@ -49,8 +49,10 @@ def main() -> int:
         calls.append(seeds)
         if rank == 1 and scenario == "slow" and len(calls) == 2:
             time.sleep(60)
-        if rank == 1 and scenario == "fail" and len(calls) == 2:
+        if rank == 1 and scenario == "fail":
             raise ValueError("boom on rank 1")
+        if rank == 0 and scenario == "fail":
+            time.sleep(2.0)  # rank 1 fails meanwhile: rank 0 stops after this batch
         return run_batch(prompts, seeds)
 
     result = {"rank": rank, "ok": True, "error": ""}

@@ -55,7 +55,9 @@ def _result(proc, timeout=60):
     out, err = proc.communicate(timeout=timeout)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert lines, err[-3000:]
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    assert proc.returncode == (0 if result["ok"] else 1), err[-3000:]  # a clean exit (no abort at shutdown)
+    return result
 
 
 def test_three_ranks_make_the_one_process_set_a_mismatch_is_refused_and_a_failing_rank_reported(tmp_path):
@@ -77,11 +79,11 @@ def test_three_ranks_make_the_one_process_set_a_mismatch_is_refused_and_a_failin
     assert time.monotonic() - started < 50  # told at once, not after a timeout
     assert not rank1["ok"] and "boom on rank 1" in rank1["error"]
     assert not rank0["ok"] and "rank 1 (" in rank0["error"] and "ValueError: boom on rank 1" in rank0["error"]
-    assert "rerun the same command to resume" in rank0["error"]
+    assert "rerun the same command to resume" in rank0["error"] and "2 of 7 trajectories are stored" in rank0["error"]
     manifest = json.loads((tmp_path / "failed" / "manifest.json").read_text())
-    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == [
-        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]  # rank 1's first is kept
-    assert not (tmp_path / "failed" / "journals").exists()
+    # rank 0 stopped after its first batch (its share was 0 and 2) and kept it
+    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors"]
+    assert not (tmp_path / "failed" / "journals").exists()  # journals and stop marker gone into the manifest
     # one process resumes it (the UI's path) to the same bytes
     assert _one_process_set(tmp_path / "failed") == reference
 
