@@ -389,8 +389,12 @@ class SharedStore(Store):
         group, name = self.group, self.folder.name
         stopped = isinstance(error, _Stopped)
         if error is not None and not stopped:
-            log.error("RAPM: %s failed on '%s': %s. The other ranks stop after their current batch.",
-                      group.label, name, _describe(error))
+            if "Interrupt" in type(error).__name__:  # Cancel / Ctrl-C (the host's interrupt, KeyboardInterrupt)
+                log.warning("RAPM: %s was cancelled on '%s'; the other ranks stop after their current batch.",
+                            group.label, name)
+            else:
+                log.error("RAPM: %s failed on '%s': %s. The other ranks stop after their current batch.",
+                          group.label, name, _describe(error))
             try:
                 storage.write_json(self.folder / JOURNALS / f"{self.run}-rank{group.rank:05d}.stop",
                                    {"rank": group.rank, "host": socket.gethostname(), "error": _describe(error)})
