@@ -179,7 +179,7 @@ class RAPMTeacherTrajectory:
                    f"and rerun with batch_size {batch_size} to resume, or {lower} under another name") if stored else \
                   (f"{lower} and rerun under another name, or delete {store.folder} (nothing is stored in it yet)")
             raise RuntimeError(f"{node}: out of GPU memory computing {batch_size} trajectories at once. Fix: {fix}.") from None
-        return (trajectories.TrajectorySet(store.folder),)
+        return (store.trajectory_set(),)
 
 
 class RAPMLoadTrajectories:

@@ -251,9 +251,10 @@ class _RunState:
 
 
 def validate_and_run(api: dict, ui_workflow: dict | None, classes: dict, display: dict, *, quiet: bool = False,
-                     verbose: bool = False, validate_only: bool = False) -> tuple[int, list[str]]:
-    """Validate `api` and (unless validate_only) execute it. Returns (exit code, files written); messages
-    go to stderr, naming the node and input."""
+                     verbose: bool = False, validate_only: bool = False,
+                     select_outputs=lambda api, outputs: outputs) -> tuple[int, list[str]]:
+    """Validate `api` and (unless validate_only) execute the outputs `select_outputs` keeps of the valid ones.
+    Returns (exit code, files written); messages go to stderr, naming the node and input."""
     import comfy.model_management
     import comfy.utils
     import execution
@@ -334,6 +335,7 @@ def validate_and_run(api: dict, ui_workflow: dict | None, classes: dict, display
                 for line in lines:
                     print(f"  {line}", file=sys.stderr)
             return EXIT_FAILED, []
+        good_outputs = select_outputs(api, good_outputs)
         if validate_only:
             return EXIT_OK, []
         if state.cancelled:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: python headless/run.py
     if _repo not in sys.path:
         sys.path.insert(0, _repo)
 
-from headless import comfy_host  # noqa: E402
+from headless import comfy_host, ranks  # noqa: E402
 from headless.convert import WorkflowError, convert_ui, ui_to_api  # noqa: E402,F401  (ui_to_api: the API)
 from headless.execute import EXIT_CANCELLED, EXIT_OK, EXIT_USAGE, error, validate_and_run  # noqa: E402
 from headless.workflow import api_graph, apply_sets, check_node_types, load_workflow, workflow_format  # noqa: E402
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dry run: print the API-format graph (after --set), validate it, run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output; print only output paths and errors")
     p.add_argument("--verbose", action="store_true", help="show ComfyUI's own log (and full tracebacks)")
+    ranks.add_arguments(p)
     return p
 
 
@@ -77,6 +78,12 @@ def _main(args) -> int:
         if not os.path.isdir(folder):
             error(f"--models {folder}: no such folder")
             return EXIT_USAGE
+
+    try:
+        ranks.start(args)  # under torchrun: this process's GPU and the process group (else nothing)
+    except ranks.LaunchError as e:
+        error(str(e))
+        return EXIT_USAGE
 
     if not args.verbose:  # import warnings about the host's optional extras are noise here
         logging.disable(logging.WARNING)
@@ -120,8 +127,13 @@ def _main(args) -> int:
     if args.print_api:
         print(json.dumps(api, indent=2, ensure_ascii=False))
 
-    code, files = validate_and_run(api, data if fmt == "ui" else None, classes, display, quiet=args.quiet,
-                                   verbose=args.verbose, validate_only=args.print_api)
+    try:
+        code, files = validate_and_run(api, data if fmt == "ui" else None, classes, display, quiet=args.quiet,
+                                       verbose=args.verbose, validate_only=args.print_api,
+                                       select_outputs=ranks.outputs_for_rank)  # torchrun: ranks > 0 stop after the trajectories
+    except ranks.LaunchError as e:
+        error(str(e))
+        return EXIT_USAGE
     if code != EXIT_OK or args.print_api:
         return code
     if args.quiet:

@@ -39,3 +39,19 @@ def test_perf_ablations_run_when_named(host, tmp_path):
 def test_perf_refuses_an_unknown_variant(host, tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         perf.main(["--models", "tiny", "--skip-trajectories", "--skip-equivalence", "--variants", "checkpoint"])
+
+
+def test_multi_gpu_trajectory_benchmark_runs_on_the_cpu(tmp_path):
+    """bench/dist_trajectories.py (1 then 2 processes through torchrun) at toy size on gloo."""
+    from bench import dist_trajectories
+    out = tmp_path / "perf.json"
+    out.write_text(json.dumps({"earlier": {"kept": True}}))
+    assert dist_trajectories.main(["--model", "tiny", "--count", "4", "--batch", "2", "--fine-steps", "1", "--cpu",
+                                   "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["earlier"] == {"kept": True}  # merged into the file, not overwriting it
+    figures = report["trajectories_multi_gpu"]
+    assert set(figures["runs"]) == {"1", "2"} and figures["runs"]["2"]["processes"] == 2
+    assert figures["runs"]["1"]["rank0_computed"] == 4 and figures["runs"]["2"]["rank0_computed"] == 2
+    assert all(r["trajectories_per_min"] > 0 for r in figures["runs"].values()) and figures["scaling_over_1"]["2"] > 0
+    assert figures["sets_byte_identical"] is True  # on the CPU the two runs' files are the same bytes

@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
-        "progress", "errors", "cuda_graphs", "optim", "lora_file"]
+        "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed"]
 
 
 def test_core_imports_without_comfyui():
