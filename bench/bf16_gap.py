@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from bench.perf import import_host
     import_host(None)
     import rapm_fixtures
-    from bench.reference_rapm import compare_with_product
+    from comfy_rapm.reference import compare_with_product
     from comfy_rapm import session, trainer
     from headless import tiny_models
 
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
         tset = rapm_fixtures.make_trajectory_set(Path(tmp) / "s", teacher, count=2, steps=4, fine_steps=2)
         for c in [float(v) for v in args.c.split(",")]:
             for precision in ("fp32", "bf16"):
-                config = trainer.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, huber_c=c)
-                sess = session.Session(teacher, tset, config, precision=precision)
+                config = trainer.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, huber_c=c, precision=precision)
+                sess = session.Session(teacher, tset, config)
 
                 def check(tr):
                     with torch.no_grad():

@@ -1,7 +1,7 @@
 """GPU speed and memory of RAPM on full-size SD1.5 / SDXL UNets with random weights (cost does not
 depend on the values), built with ComfyUI's own model classes and dtype choice as a checkpoint
 would load, measured through the same code the nodes run (comfy_rapm.session / trainer), against
-the plain slot-by-slot reference of Alg. 2 (bench/reference_rapm.py).
+the plain slot-by-slot reference of Alg. 2 (comfy_rapm/reference.py).
 
     python bench/perf.py --out bench/results/perf.json
 
@@ -49,9 +49,6 @@ UNET["tiny"] = dict(UNET["sd15"], model_channels=32, channel_mult=[1, 2], num_re
                     transformer_depth_output=[1, 1, 1, 1], num_heads=2)
 RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
-# PCM's released hyperparameters (DESIGN.md §2)
-HYPER = {"sd15": dict(learning_rate=5e-6, weight_decay=1e-3, delta=20), "sdxl": dict(learning_rate=2e-6, weight_decay=0.0, delta=25)}
-HYPER["tiny"] = HYPER["sd15"]
 # (warm-up, timed) iterations per model unless --warmup/--iterations say otherwise: SDXL's reference
 # and low-memory mode take 2-3 s per iteration, so fewer there keeps the default run in one call.
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
@@ -179,14 +176,18 @@ def synthetic_set(folder, patcher, kind, count, steps):
     return trajectories.TrajectorySet(folder)
 
 
-def make_config(kind, iterations, low_memory, rank):
-    from comfy_rapm import trainer
-    return trainer.Config(iterations=iterations, lora_rank=rank, lora_alpha=8.0, discriminator_learning_rate=1e-5,
-                          checkpoint_every=10**9, low_memory=low_memory, **HYPER[kind])
+def make_config(kind, iterations, rank, **settings):
+    """The node's configuration for this model family (comfy_rapm/presets.py), with `settings` on top."""
+    from comfy_rapm import presets, trainer
+    preset = presets.for_teacher(kind == "sdxl")
+    family = presets.resolve(preset, 1000, discriminator_kernel=settings.pop("discriminator_kernel", None))
+    return trainer.Config(iterations=iterations, lora_rank=rank, lora_alpha=preset.lora_alpha,
+                          discriminator_learning_rate=preset.discriminator_learning_rate, checkpoint_every=10**9,
+                          **family, **settings)
 
 
 def reference_iteration(tr):
-    from bench.reference_rapm import reference_backward
+    from comfy_rapm.reference import reference_backward
     student_turn = tr.iteration % 2 == 1
     draws = tr.draw()
     reference_backward(tr, draws, student_turn)
@@ -201,11 +202,11 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     if unknown:
         raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
     reset_peak()
-    sess = session.Session(patcher, tset, make_config(kind, warmup + iterations, "low_memory" in parts, rank),
-                           precision="auto", gradient_checkpointing="checkpointing" in parts,
-                           cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
-                           graded_graphs=False if "no_graded_graphs" in parts else None,
-                           discriminator_kernel=1 if "heads1x1" in parts else None)
+    sess = session.Session(patcher, tset, make_config(
+        kind, warmup + iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
+        cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
+        graded_graphs=False if "no_graded_graphs" in parts else None,
+        discriminator_kernel=1 if "heads1x1" in parts else None))
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -240,7 +241,7 @@ def profile_training(patcher, tset, kind, warmup, rank, out_path=None):
     GPU's busy time vs the wall time, the top CUDA kernels and the time per labelled model call."""
     from torch.profiler import ProfilerActivity, profile, record_function
     from comfy_rapm import session
-    sess = session.Session(patcher, tset, make_config(kind, warmup + 2, False, rank), precision="auto")
+    sess = session.Session(patcher, tset, make_config(kind, warmup + 2, rank))
 
     def labelled(name, fn):
         def call(*args, **kwargs):
@@ -320,10 +321,10 @@ def strict_kernels(enabled: bool):
 def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False):
     """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
     CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients."""
-    from bench.reference_rapm import compare_with_product
+    from comfy_rapm.reference import compare_with_product
     from comfy_rapm import session
-    sess = session.Session(patcher, tset, make_config(kind, 2, False, rank), precision=precision,
-                           gradient_checkpointing=gradient_checkpointing)
+    sess = session.Session(patcher, tset, make_config(kind, 2, rank, precision=precision,
+                                                      gradient_checkpointing=gradient_checkpointing))
 
     def check(tr):
         torch.manual_seed(0)  # the same student in every run

@@ -1,12 +1,35 @@
-"""The demo's built-in emoji teacher's companions (plain torch + transformers): a text encoder with
-the two methods ComfyUI's CLIPTextEncode calls, and a pixel 'VAE' with the one VAEDecode calls.
-The teacher (demo/rapm_emoji_teacher.safetensors) was trained by bench/quality on MiniLM token states
-of captions like "grinning face, twitter style" (styles: twitter, google, fluent 3d)."""
+"""The demo's built-in emoji teacher: the model (ComfyUI's UNet in pixel space, built through host.py), a text
+encoder with the two methods ComfyUI's CLIPTextEncode calls, and a pixel 'VAE' with the ones VAEDecode/Encode
+call. The teacher (demo/rapm_emoji_teacher.safetensors) was trained by bench/quality on MiniLM token states of
+captions like "grinning face, twitter style" (styles: twitter, google, fluent 3d)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
+
+from . import storage
+
+TEACHER_JSON = "rapm_emoji_teacher.json"
+
+
+def pixel_latent_format():
+    """RGB pixels in [-1, 1] as the 'latent': 3 channels, no downscale, scale 1, process_in/out the identity."""
+    from . import host
+    return host.latent_format(channels=3, downscale=1)
+
+
+def load_teacher(folder: str | Path):
+    """(MODEL, CLIP, VAE) of the teacher described by folder/rapm_emoji_teacher.json, its weights checked
+    against the checksum there (ValueError naming the file otherwise)."""
+    from . import host
+    info = storage.read_json(Path(folder) / TEACHER_JSON)
+    weights = Path(folder) / info["weights"]
+    if storage.sha256_file(weights) != info["sha256"]:
+        raise ValueError(f"{weights} does not match its checksum; restore it with git")
+    model = host.eps_unet_model(info["unet_config"], storage.read_safetensors(weights), pixel_latent_format())
+    return model, MiniLMText(), PixelImages()
 
 MAX_TOKENS = 16
 

@@ -7,7 +7,6 @@ progress and Cancel.
 Imported only inside a ComfyUI process."""
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
@@ -166,6 +165,14 @@ def is_sdxl_like(model) -> bool:
     return "SDXL" in model_family(model) or "SDXL" in type(model.model).__name__
 
 
+def size_conditioning(model, width: int, height: int) -> dict:
+    """The conditioning entries CLIPTextEncode's caller adds for a model that is conditioned on image size
+    (SDXL-like: original and target size, no crop); nothing for the others."""
+    if not is_sdxl_like(model):
+        return {}
+    return {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}
+
+
 def process_latent_in(model, samples: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_in(samples)
 
@@ -237,51 +244,6 @@ def trainable_clone(model, compute_dtype: torch.dtype):
     return patched
 
 
-@contextlib.contextmanager
-def training_weights(model, dtype: torch.dtype):
-    """While inside (with `model` loaded): the diffusion model's parameters are frozen ordinary
-    tensors in `dtype`. The loader's weights are inference tensors, which autograd cannot save, and
-    casting them on every use costs a copy per layer per pass and a saved copy per graded pass. The
-    originals wait on the CPU and are put back exactly on exit."""
-    slots = [(module, name) for module in model.model.diffusion_model.modules()
-             for name, p in module._parameters.items() if p is not None]
-    saved = []
-    try:
-        for module, name in slots:  # one parameter at a time, so no original outlives its replacement
-            p = module._parameters[name]
-            saved.append((module, name, p.detach().to("cpu", copy=True), p.requires_grad, p.device))
-            with torch.inference_mode(False):
-                module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
-            del p
-        yield
-    finally:
-        with torch.inference_mode():
-            for module, name, original, flag, device in saved:
-                module._parameters[name] = torch.nn.Parameter(original.to(device, copy=True), requires_grad=flag)
-
-
-@contextlib.contextmanager
-def lora_attached(model, lora):
-    """While inside: every LoRA target module of `model` adds its layer's output while the LoRA is
-    enabled (forward hooks on the shared modules, removed on exit)."""
-    modules = dict(model.model.named_modules())
-    handles = []
-    try:
-        for name, layer in lora.by_module().items():
-            module = modules[name]
-            if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
-                raise ValueError(f"LoRA target {name} is a grouped or non-zero-padded convolution, not supported")
-
-            def hook(module, args, output, _layer=layer):
-                if lora.enabled:
-                    return _layer.add_to_output(module, args[0], output)
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
     """Teacher + LoRA the way the stock 'Load LoRA Model' node applies it."""
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora_state_dict, strength, 0)
@@ -334,8 +296,14 @@ def is_oom(error: BaseException) -> bool:
 
 # --- training support ---------------------------------------------------------------------
 
-class _FeaturesCaptured(Exception):
-    pass
+def unet(model) -> torch.nn.Module:
+    """The diffusion model's torch module (a UNet for SD1.5/SDXL), shared by every clone of the patcher."""
+    return model.model.diffusion_model
+
+
+def module_root(model) -> torch.nn.Module:
+    """The module whose names LoRA files use (`diffusion_model.…`)."""
+    return model.model
 
 
 def feature_layers(model, include_up: bool) -> list[torch.nn.Module]:
@@ -355,138 +323,6 @@ def feature_layers(model, include_up: bool) -> list[torch.nn.Module]:
     return layers
 
 
-class FeatureTap:
-    """Runs the model as the discriminator backbone and returns the tapped feature maps; the
-    pass stops at the last tap, so an SDXL-style down+mid backbone skips the up path.
-
-    Eagerly, hooks on the tapped layers collect the features and the last one stops the pass by
-    raising through the host's sampling code. Under `graphed_unet` the diffusion model's forward
-    itself returns the features (`forward_to_features`, captured in a graph) and hands them over
-    (`deliver`), which stops the pass the same way."""
-
-    def __init__(self, model, include_up: bool):
-        self.layers = feature_layers(model, include_up)
-        self.active = False  # while a tapped pass runs
-        self._captured: dict = {}
-        self._delivered = None
-
-    def __call__(self, denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, conds) -> list[torch.Tensor]:
-        captured = self._captured = {}
-        last = self.layers[-1]
-
-        def hook(module, args, output):
-            captured[id(module)] = output
-            if module is last:
-                raise _FeaturesCaptured
-
-        handles = [layer.register_forward_hook(hook) for layer in self.layers]
-        self.active, self._delivered = True, None
-        try:
-            denoiser(x, sigma, conds, cfg=1.0)
-        except _FeaturesCaptured:
-            pass
-        finally:
-            self.active = False
-            for h in handles:
-                h.remove()
-        if self._delivered is not None:
-            features, self._delivered = list(self._delivered), None
-            return features
-        return [captured[id(layer)] for layer in self.layers]
-
-    def forward_to_features(self, forward: Callable, *args, **kwargs) -> tuple[torch.Tensor, ...]:
-        """The diffusion model's `forward` as far as the last tap (while __call__'s hooks are on),
-        returning the tapped features."""
-        try:
-            forward(*args, **kwargs)
-        except _FeaturesCaptured:
-            pass
-        return tuple(self._captured[id(layer)] for layer in self.layers)
-
-    def deliver(self, features: tuple) -> None:
-        """Hands `features` to the running __call__ and stops the pass."""
-        self._delivered = features
-        raise _FeaturesCaptured
-
-
-@contextlib.contextmanager
-def graphed_unet(model, enabled: bool, state: Callable[[], object], tap: FeatureTap | None = None,
-                 graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None,
-                 graded_parameters: bool = True):
-    """While inside: the diffusion model's passes on CUDA replay CUDA graphs (see cuda_graphs.py),
-    tapped backbone passes included; with `graded`, also the passes with grad (their gradients reach
-    the inputs and, with `graded_parameters`, `parameters()`). Yields the GraphedCalls (None when not
-    enabled). Off CUDA the passes run eagerly through the same wrapper."""
-    from .cuda_graphs import GraphedCalls
-    unet = model.model.diffusion_model
-    if not enabled:
-        yield None
-        return
-    own_forward = unet.__dict__.get("forward")
-    forward = unet.forward
-    tapping = lambda: tap is not None and tap.active  # noqa: E731
-
-    def pass_(*args, **kwargs):
-        return tap.forward_to_features(forward, *args, **kwargs) if tapping() else forward(*args, **kwargs)
-
-    graphed = GraphedCalls(pass_, state=lambda: (state(), tapping()), graded=graded, parameters=parameters,
-                           graded_parameters=graded_parameters, interrupts=interrupted_types())
-
-    def graphed_forward(*args, **kwargs):
-        out = graphed(*args, **kwargs)
-        if tapping():
-            tap.deliver(out)
-        return out
-    unet.forward = graphed_forward
-    try:
-        yield graphed
-    finally:
-        if own_forward is None:
-            del unet.forward
-        else:
-            unet.forward = own_forward
-        graphed.graphs.clear()
-
-
-class gradient_checkpointing:
-    """Recompute each UNet block in backward (torch.utils.checkpoint, use_reentrant=False; ComfyUI's
-    own `use_checkpoint` flag fails with frozen base weights). Restores the blocks on exit.
-    `context_fn` (torch.utils.checkpoint's) restores state the recomputation depends on."""
-
-    def __init__(self, model, enabled: bool = True, context_fn=None):
-        self.model, self.enabled, self.saved, self.context_fn = model, enabled, [], context_fn
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        import torch.utils.checkpoint as cp
-        unet = self.model.model.diffusion_model
-        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + list(getattr(unet, "output_blocks", []))
-        for block in blocks:
-            for layer in (block or []):
-                original = layer.forward
-                self.saved.append((layer, layer.__dict__.get("forward")))
-
-                def checkpointed(*args, _f=original, **kwargs):
-                    if torch.is_grad_enabled():
-                        extra = {"context_fn": self.context_fn} if self.context_fn else {}
-                        # preserve_rng_state off: the UNet draws no random numbers, and reading the CUDA
-                        # RNG state is not allowed while a CUDA graph is captured
-                        return cp.checkpoint(_f, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
-                    return _f(*args, **kwargs)
-                layer.forward = checkpointed
-        return self
-
-    def __exit__(self, *exc):
-        for layer, own_forward in self.saved:
-            if own_forward is None:
-                del layer.forward  # back to the class's forward
-            else:
-                layer.forward = own_forward
-        self.saved.clear()
-        return False
-
-
 def training_dtype(model, precision: str) -> torch.dtype | None:
     """'auto': bf16 on a GPU that supports it, else float32; 'bf16' also on the CPU (slow, for checks)."""
     device = model.load_device
@@ -501,58 +337,43 @@ def training_dtype(model, precision: str) -> torch.dtype | None:
     return torch.float32
 
 
-@contextlib.contextmanager
-def autotuned_convolutions():
-    """cuDNN picks the fastest convolution algorithms for the (fixed) shapes of a long run, as
-    ComfyUI's `--fast autotune` does, restored on exit."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = saved or torch.cuda.is_available()
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
 def interrupted_types() -> tuple[type, ...]:
     return (comfy.model_management.InterruptProcessingException, KeyboardInterrupt)
 
 
-# --- the demo's pixel-space model --------------------------------------------------------
+# --- models built from weights (the demo's teacher) ------------------------------------------
 
-_PIXEL_FORMAT = {}
+def latent_format(channels: int, downscale: int, scale_factor: float = 1.0, identity: bool = True):
+    """A ComfyUI latent format class: `channels`-channel latents at 1/`downscale` of the image size; with
+    `identity`, process_in/out leave the latent as it is (the demo's pixels)."""
+    import comfy.latent_formats
 
+    class Latent(comfy.latent_formats.LatentFormat):
+        latent_channels = channels
+        latent_dimensions = 2
+        spacial_downscale_ratio = downscale
+        latent_rgb_factors = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(channels)] if channels <= 3 else None
 
-def pixel_latent_format():
-    """RGB pixels in [-1, 1] as the 'latent': 3 channels, scale 1, no downscale."""
-    if not _PIXEL_FORMAT:
-        import comfy.latent_formats
+        def process_in(self, latent):
+            return latent if identity else super().process_in(latent)
 
-        class PixelRGB(comfy.latent_formats.LatentFormat):
-            latent_channels = 3
-            latent_dimensions = 2
-            scale_factor = 1.0
-            spacial_downscale_ratio = 1
-            latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-
-            def process_in(self, latent):
-                return latent
-
-            def process_out(self, latent):
-                return latent
-        _PIXEL_FORMAT["class"] = PixelRGB
-    return _PIXEL_FORMAT["class"]
+        def process_out(self, latent):
+            return latent if identity else super().process_out(latent)
+    Latent.scale_factor = scale_factor
+    Latent.__name__ = Latent.__qualname__ = f"Latent{channels}x{downscale}"
+    return Latent
 
 
-def pixel_unet_model(unet_config: dict, state_dict: dict):
-    """A ModelPatcher around an SD1.5-style EPS UNet that works in pixel space (the demo's
-    emoji teacher): ComfyUI's own UNet class and SD discrete schedule, strict weight load."""
+def eps_unet_model(unet_config: dict, state_dict: dict, latent):
+    """A ModelPatcher around an SD1.5-style EPS UNet from `unet_config` and its weights (strict load), in the
+    latent space of `latent` (a latent_format class): ComfyUI's own UNet class and SD discrete schedule."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
     config = comfy.supported_models.SD15(dict(unet_config))
     config.unet_config["num_heads"] = unet_config.get("num_heads", -1)
     config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
-    config.latent_format = pixel_latent_format()()
+    config.latent_format = latent()
     config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode(False):
         model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")

@@ -29,6 +29,16 @@ def target_folder(root: str | Path, filename_prefix: str) -> tuple[Path, str]:
     return storage.child_path(root, "/".join(parts[:-1]) or ".", "filename_prefix"), parts[-1]
 
 
+def training_metadata(teacher: dict, trajectory_set, config, iterations: int, run: str) -> dict:
+    """What a trained student records about how it was made (host.model_info of the teacher, the trajectory set,
+    the trainer.Config): read back by `metadata` into the file and by RAPM Sampler users from it."""
+    return {"teacher_family": teacher["family"], "teacher_fingerprint": teacher["fingerprint"],
+            "steps": trajectory_set.steps, "timesteps": trajectory_set.timesteps, "delta": config.delta,
+            "teacher_cfg": trajectory_set.cfg, "iterations": iterations, "mode": config.mode, "rank": config.lora_rank,
+            "alpha": config.lora_alpha, "trajectories": trajectory_set.name, "trajectory_count": len(trajectory_set),
+            "run": run, "prediction": teacher["prediction"]}
+
+
 def metadata(meta: dict, output_name: str) -> dict[str, str]:
     """kohya `ss_*`, `modelspec.*` and `rapm.*` entries (strings) for a LoRA trained with `meta` (what
     RAPM Train records: teacher family, steps, rank, alpha, iterations, …)."""

@@ -83,11 +83,6 @@ def initial_latent(model_sampling, noise: torch.Tensor, sigma_max) -> torch.Tens
     return model_sampling.noise_scaling(sigma.to(noise.device), noise, torch.zeros_like(noise), max_denoise=True)
 
 
-def default_delta(num_train_timesteps: int, sdxl_like: bool) -> int:
-    """PCM's skip step Δ: 20 for SD1.5-like, 25 for SDXL-like models (DESIGN.md §2)."""
-    return round((25 if sdxl_like else 20) * num_train_timesteps / 1000)
-
-
 def _coefficients(model_sampling, sigma: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(data coefficient, noise coefficient) of model space at σ: x = a·x0 + s·ε."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)

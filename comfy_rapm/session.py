@@ -8,9 +8,8 @@ from typing import Callable
 
 import torch
 
-from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, trainer
+from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, trainer, training_unet, trajectories
 from .discriminator import Discriminators
-from . import trajectories
 from .trajectories import TrajectorySet
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
     def body(denoiser):
         return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
                                                noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
-    with host.autotuned_convolutions():
+    with training_unet.autotuned_convolutions():
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
@@ -37,79 +36,90 @@ def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list
     return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
 
 
-def pcm_discriminator_kernel(sdxl: bool) -> int:
-    """PCM's discriminator heads: 3x3 convolutions for SD1.5-like models, 1x1 for SDXL-like ones."""
-    return 1 if sdxl else 3
+def trajectory_batches(model, clip, spec: trajectories.Spec, latent_shape: tuple[int, ...],
+                       on_step: Callable[[], None] | None = None) -> Callable[[list[str], list[int]], tuple[dict, dict]]:
+    """run_batch(prompts, seeds) for trajectories.generate: each prompt encoded once as CLIPTextEncode encodes it
+    (with the teacher's size conditioning), ComfyUI's own noise for each seed, one shard of the teacher's positions."""
+    size = host.size_conditioning(model, spec.width, spec.height)
+    encoded = {}
+    slots = spec.slots()
+
+    def encode(text):
+        if text not in encoded:
+            cond = host.encode_text(clip, text)
+            encoded[text] = [[cond[0][0], dict(cond[0][1], **size)]]
+        return encoded[text]
+
+    def run_batch(prompts: list[str], seeds: list[int]) -> tuple[dict, dict]:
+        positive = host.stack_conditioning([encode(p) for p in prompts], "prompts")
+        negative = host.stack_conditioning([encode(spec.negative_prompt)] * len(seeds), "negative_prompt")
+        noise = torch.cat([host.prepare_noise(torch.zeros((1,) + tuple(latent_shape)), s) for s in seeds])
+        return trajectory_shard(model, positive, negative, noise, slots, spec.cfg, on_step)
+    return run_batch
 
 
 class Session:
-    def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
-                 gradient_checkpointing: bool = False, cuda_graphs: bool | None = None,
-                 graded_graphs: bool | None = None, discriminator_kernel: int | None = None):
-        """`discriminator_kernel`: the heads' conv size; None = PCM's (pcm_discriminator_kernel). A run's checkpoint
-        holds heads of one size."""
+    """Teacher + student LoRA (+ discriminators) over one ComfyUI model, trained with `config`."""
+
+    def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config):
         self.model, self.set, self.config = model, trajectory_set, config
-        self.gradient_checkpointing = gradient_checkpointing
-        # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
-        # graphed too (forward and backward; under gradient checkpointing the backward graph recomputes).
-        self.cuda_graphs = (not config.low_memory) if cuda_graphs is None else cuda_graphs
-        self.graded_graphs = self.cuda_graphs if graded_graphs is None else graded_graphs
-        self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if self.graded_graphs else None
-        self.student_graphs = self.graded_graphs and self.student_graphs_off_reason is None
+        self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if config.uses_graded_graphs else None
+        self.student_graphs = config.uses_graded_graphs and self.student_graphs_off_reason is None
         if self.student_graphs_off_reason:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
         self.graphs = None
-        self.sdxl = host.is_sdxl_like(model)
-        self.discriminator_kernel = discriminator_kernel or pcm_discriminator_kernel(self.sdxl)
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
-        self.dtype = host.training_dtype(model, precision)
+        self.dtype = host.training_dtype(model, config.precision)
         self.student = host.trainable_clone(model, self.dtype)
-        self.tap = host.FeatureTap(self.student, include_up=not self.sdxl) if config.uses_gan else None
+        self.tap = (training_unet.FeatureTap(host.feature_layers(self.student, config.discriminator_reads_up))
+                    if config.uses_gan else None)
         self.latent_shape = tuple(self.data[0].positions.shape[1:])
 
     def run(self, fn: Callable[[trainer.Trainer], object]):
-        """Build the Trainer with the model loaded and call fn(trainer); returns fn's result."""
+        """Build the Trainer with the model loaded and the UNet rewired for training, and call fn(trainer);
+        returns fn's result."""
         data, tap, lora, config = self.data, self.tap, self.lora, self.config
 
         def body(denoiser):
-            with host.training_weights(self.student, self.dtype):
-                return build_and_run(denoiser)
-
-        def build_and_run(denoiser):
             device = denoiser.device
             lora.to(device)
             conditioning = lambda i: denoiser.prepare(data[i].positive, data[i].negative)  # noqa: E731
             features = (lambda x, s, c: tap(denoiser, x, s, c)) if tap else None
-            discriminators = None
-            if tap:
-                lora.set_enabled(False)
-                with torch.no_grad():
-                    sigma = schedule.sigma_at(denoiser.model_sampling, [self.set.timesteps[1]]).to(device)
-                    probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
-                lora.set_enabled(True)
-                discriminators = Discriminators([f.shape[1] for f in probe], kernel=self.discriminator_kernel,
-                                                seed=config.seed).to(device).set_compute_dtype(self.dtype)
-            tr = trainer.Trainer(
-                config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
-                denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
-                features, device)
-            with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
-                    host.graphed_unet(self.student, self.cuda_graphs, lambda: lora.enabled, tap, self.graded_graphs,
-                                      lambda: lora if lora.enabled else None, self.student_graphs) as graphs, \
-                    host.gradient_checkpointing(self.student, self.gradient_checkpointing, lora.recompute_context):
+            with training_unet.rewired(host.module_root(self.student), host.unet(self.student), self.dtype, lora, tap,
+                                       config, self.student_graphs, host.interrupted_types()) as graphs:
+                discriminators = (self._discriminators(features, conditioning, denoiser.model_sampling, device, graphs)
+                                  if tap else None)
+                tr = trainer.Trainer(
+                    config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
+                    denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
+                    features, device)
                 self.graphs = graphs
                 try:
                     return fn(tr)
                 finally:
                     self.graphs = None
-                    # a gradient may live in a graph's memory pool: the LoRA outlives the session, its pools must not
-                    lora.zero_grad(set_to_none=True)
 
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,
                                           body, seed=config.seed)
+
+    def _discriminators(self, features, conditioning, model_sampling, device, graphs) -> Discriminators:
+        """Heads sized by one backbone pass (eager: a graph of this batch shape would only hold memory)."""
+        self.lora.set_enabled(False)
+        if graphs is not None:
+            graphs.enabled = False
+        try:
+            with torch.no_grad():
+                sigma = schedule.sigma_at(model_sampling, [self.set.timesteps[1]]).to(device)
+                probe = features(torch.zeros((1,) + self.latent_shape, device=device), sigma, conditioning(0))
+        finally:
+            self.lora.set_enabled(True)
+            if graphs is not None:
+                graphs.enabled = True
+        return Discriminators([f.shape[1] for f in probe], kernel=self.config.discriminator_kernel,
+                              seed=self.config.seed).to(device).set_compute_dtype(self.dtype)
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:
         return lora_mod.LoRAWeights(self.lora.comfy_state_dict(torch.float16), metadata)

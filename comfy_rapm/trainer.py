@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import losses, schedule, solver, storage
+from . import losses, presets, schedule, solver, storage
 from .discriminator import Discriminators
 from .lora import LoRA
 from .optim import AdamWNoMomentum
@@ -35,21 +35,33 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class Config:
-    iterations: int = 20000
-    lora_rank: int = 64
-    lora_alpha: float = 8.0
-    learning_rate: float = 5e-6
-    discriminator_learning_rate: float = 1e-5
-    weight_decay: float = 1e-3
-    delta: int = 20
+    """One training run: what it learns (the resume key) and how it runs (precision, memory, speed)."""
+    iterations: int = presets.SD15.iterations
+    lora_rank: int = presets.SD15.lora_rank
+    lora_alpha: float = presets.SD15.lora_alpha
+    learning_rate: float = presets.SD15.learning_rate
+    discriminator_learning_rate: float = presets.SD15.discriminator_learning_rate
+    weight_decay: float = presets.SD15.weight_decay
+    delta: int = presets.SD15.delta
     absolute_weight: list = field(default_factory=lambda: [1.0])
     huber_c: float = 0.001
-    adversarial_weight: float = 0.1
+    adversarial_weight: float = presets.SD15.adversarial_weight
     mode: str = "rapm"
     seed: int = 0
     checkpoint_every: int = 500
     grad_clip: float = 1.0
     low_memory: bool = False
+    # the discriminator: the heads' convolutions and whether the backbone's up blocks are tapped (a family's)
+    discriminator_kernel: int = presets.SD15.discriminator_kernel
+    discriminator_reads_up: bool = presets.SD15.discriminator_reads_up
+    # how it runs
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    cuda_graphs: bool | None = None    # None: on unless low_memory (graphs keep one pass's activations per shape)
+    graded_graphs: bool | None = None  # the passes with grad too; None: as cuda_graphs
+
+    RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",
+               "graded_graphs")
 
     def weights(self, steps: int) -> list[float]:
         w = [float(v) for v in self.absolute_weight]
@@ -71,12 +83,43 @@ class Config:
     def uses_gan(self) -> bool:
         return self.mode != "huber_only"
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return (not self.low_memory) if self.cuda_graphs is None else self.cuda_graphs
+
+    @property
+    def uses_graded_graphs(self) -> bool:
+        return self.uses_cuda_graphs if self.graded_graphs is None else self.graded_graphs
+
     def resume_key(self) -> dict:
-        """Everything but the iteration budget and checkpoint interval must match to resume."""
+        """What must match to resume: everything but the iteration budget, the checkpoint interval and how it
+        runs (the run's identity adds precision and a non-preset head size: run_identity)."""
         d = asdict(self)
-        d.pop("iterations")
-        d.pop("checkpoint_every")
+        for key in ("iterations", "checkpoint_every") + self.RUNTIME:
+            d.pop(key)
         return d
+
+
+def run_identity(config: Config, trajectories_fingerprint: str, teacher_fingerprint: str, preset_kernel: int) -> dict:
+    """What a run folder holds a run of: its resume key, the trajectory set, the teacher and the precision, and
+    the heads' size when it is not the family's (runs from before that setting existed still resume)."""
+    identity = {"config": config.resume_key(), "trajectories": trajectories_fingerprint, "teacher": teacher_fingerprint,
+                "precision": config.precision}
+    if config.discriminator_kernel != preset_kernel:
+        identity["discriminator_kernel"] = config.discriminator_kernel
+    return identity
+
+
+def out_of_memory_fix(config: Config) -> str:
+    """The next memory setting to try, in order of what it costs: checkpointing (~9% time), 1×1 discriminator
+    heads, slot-by-slot back-propagation (several times slower), then a smaller LoRA."""
+    if not config.gradient_checkpointing:
+        return "turn on gradient_checkpointing"
+    if config.discriminator_kernel != 1 and config.uses_gan:
+        return "set discriminator_heads to 1x1" + ("" if config.low_memory else " (then also turn on low_memory)")
+    if not config.low_memory:
+        return "turn on low_memory"
+    return "lower lora_rank or use a card with more memory"
 
 
 def parse_absolute_weight(text: str) -> list[float]:
@@ -146,14 +189,14 @@ class Trainer:
 
     # --- model passes -------------------------------------------------------------------
 
-    def _step(self, z_vp, s_from, s_to, cond, cfg, student: bool):
+    def ddim_step(self, z_vp, s_from, s_to, cond, cfg, student: bool):
         """One DDIM step on VP positions (batch over slots), returning VP positions."""
         self.lora.set_enabled(student)
         x = schedule.from_vp(z_vp, s_from, self.ms)
         x = solver.ddim_step(lambda xx, ss: self.model(xx, ss, cond, cfg), x, s_from, s_to)
         return schedule.to_vp(x, s_to, self.ms)
 
-    def _backbone(self, z_vp, t_adv, s_n, noise, cond):
+    def backbone_features(self, z_vp, t_adv, s_n, noise, cond):
         """Features of the frozen teacher at adv_t for positions re-noised from t_n."""
         self.lora.set_enabled(False)
         s_adv = schedule.sigma_at(self.ms, t_adv).to(self.device)
@@ -166,12 +209,12 @@ class Trainer:
         with torch.no_grad():
             chain = [positions[0:1]]
             for j in range(self.steps):
-                chain.append(self._step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
+                chain.append(self.ddim_step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
             inputs, outputs = torch.cat(chain[:-1]), torch.cat(chain[1:])
             relative = None
             if self.config.uses_relative:
-                teacher_delta = self._step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
-                relative = self._step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
+                teacher_delta = self.ddim_step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
+                relative = self.ddim_step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
         return inputs, outputs, relative
 
     def draw(self) -> "Draws":
@@ -227,7 +270,7 @@ class Trainer:
         batch = torch.cat([fakes] + reals)
         repeat = len(reals) + 1
         with torch.no_grad():
-            feats = self._backbone(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
+            feats = self.backbone_features(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
         self.disc_opt.zero_grad(set_to_none=True)
         # Σ_slots w_n · mean over heads of each head's hinge term, back-propagated one head at a time: each head
         # owns its parameters and reads detached features, so the gradients are those of the whole sum, while
@@ -260,7 +303,7 @@ class Trainer:
         generator = torch.zeros((), device=self.device)
         if cfg.uses_gan:
             d = self.discriminators
-            feats = self._backbone(z_phi, t_adv[j], self.s_to[j], noise[j], cond)
+            feats = self.backbone_features(z_phi, t_adv[j], self.s_to[j], noise[j], cond)
             if cfg.uses_relative:
                 generator = generator + losses.hinge_generator(d.relative(feats)).sum()
             if cfg.uses_absolute:
@@ -277,7 +320,7 @@ class Trainer:
         huber_sum, gen_sum = 0.0, 0.0
         try:
             for j in groups:
-                z_phi = self._step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
+                z_phi = self.ddim_step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
                 huber, generator = self._student_losses(z_phi, j, relative, absolute, t_adv, noise, cond)
                 loss = huber + generator
                 self._check_finite(loss, "student")

@@ -251,6 +251,16 @@ class Store:
         """The finished set (after generate)."""
         return TrajectorySet(self.folder)
 
+    def out_of_memory_fix(self) -> str:
+        """What to change after the teacher ran out of memory at this set's batch size: a set keeps its batch size,
+        so resuming needs the same one; a lower one makes another set."""
+        stored, batch = self.stored_count(), self.spec.batch_size
+        lower = f"lower batch_size (e.g. {max(1, batch // 2)})"
+        if stored:
+            return (f"{stored} trajectories are stored in {self.folder} and a set keeps its batch size: free GPU memory "
+                    f"and rerun with batch_size {batch} to resume, or {lower} under another name")
+        return f"{lower} and rerun under another name, or delete {self.folder} (nothing is stored in it yet)"
+
     def _fold_journals(self) -> list[Path]:
         """Add the shards that ranks of an earlier multi-process run recorded in their journals (and that
         the manifest does not list yet) when the file still has the recorded checksum. Returns the

@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from comfy_rapm import presets  # noqa: E402
 from headless.convert import spec_entries, widget_slots  # noqa: E402
 
 SD15_PROMPTS = """# One prompt per line; the paper used 1,000 prompts (CC3M captions). Put a long list in a text
@@ -109,19 +110,21 @@ DEMO_NOTE = """The whole RAPM pipeline on the built-in emoji teacher (7M paramet
 The model's latent is the image, so Empty Latent Image asks for 256×256 (32×32 after its ÷8) while the trajectories are 32×32.
 The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step student from the same seed. The pack writes output/rapm_trajectories/demo/, output/rapm_runs/demo/ and models/loras/rapm/demo.safetensors. Load the SD1.5 or SDXL template for the real thing."""
 
+def family_training(preset):
+    """RAPM Train's widgets for a family: its preset's values, written out so the user sees them."""
+    return dict(iterations=preset.iterations, lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha,
+                learning_rate=preset.learning_rate, discriminator_learning_rate=preset.discriminator_learning_rate,
+                checkpoint_every=500, weight_decay=preset.weight_decay, gradient_checkpointing=True, low_memory=False,
+                precision="auto", discriminator_heads="auto")
+
+
 WORKFLOWS = {
     "rapm-2-sd15-to-4-step-lora.json": pipeline(
-        "v1-5-pruned-emaonly-fp16.safetensors", 512, SD15_PROMPTS, 1000, 25, 6.0, 0,
-        dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=5e-6, discriminator_learning_rate=1e-5,
-             checkpoint_every=500, weight_decay=0.001, gradient_checkpointing=True, low_memory=False, precision="auto",
-             discriminator_heads="auto"),
-        100, "sd15_rapm", SD15_NOTE),
+        "v1-5-pruned-emaonly-fp16.safetensors", presets.SD15.resolution, SD15_PROMPTS, 1000, 25, presets.SD15.teacher_cfg, 0,
+        family_training(presets.SD15), 100, "sd15_rapm", SD15_NOTE),
     "rapm-3-sdxl-to-4-step-lora.json": pipeline(
-        "sd_xl_base_1.0.safetensors", 1024, SD15_PROMPTS, 1000, 25, 7.5, 0,
-        dict(iterations=20000, lora_rank=64, lora_alpha=8.0, learning_rate=2e-6, discriminator_learning_rate=1e-5,
-             checkpoint_every=500, weight_decay=0.0, gradient_checkpointing=True, low_memory=False, precision="auto",
-             discriminator_heads="auto"),
-        100, "sdxl_rapm", SDXL_NOTE),
+        "sd_xl_base_1.0.safetensors", presets.SDXL.resolution, SD15_PROMPTS, 1000, 25, presets.SDXL.teacher_cfg, 0,
+        family_training(presets.SDXL), 100, "sdxl_rapm", SDXL_NOTE),
     "rapm-1-demo-emoji-teacher-no-downloads.json": pipeline(
         None, 32, DEMO_PROMPTS, 8, 5, 3.0, 4,
         dict(iterations=40, lora_rank=8, lora_alpha=8.0, learning_rate=1e-4, discriminator_learning_rate=1e-4,

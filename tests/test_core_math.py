@@ -173,5 +173,7 @@ def test_initial_latent_is_pure_noise_in_vp_space(host):
 
 
 def test_default_delta():
-    assert schedule.default_delta(1000, sdxl_like=False) == 20
-    assert schedule.default_delta(1000, sdxl_like=True) == 25
+    from comfy_rapm import presets
+    assert presets.for_teacher(sdxl_like=False).delta_for(1000) == 20
+    assert presets.for_teacher(sdxl_like=True).delta_for(1000) == 25
+    assert presets.for_teacher(sdxl_like=False).delta_for(500) == 10  # scaled to a shorter schedule

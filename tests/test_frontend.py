@@ -208,6 +208,14 @@ def test_every_rapm_node_type_builds_its_widgets(page):
         return [t, n && n.constructor === LiteGraph.registered_node_types[t] ? (n.widgets || []).map(w => w.name) : null];
     }))""", rapm)
     assert built == {name: widget_slots(classes[name]) for name in rapm}
+    # RAPM Train's advanced inputs reach the front end as advanced widgets (its properties panel folds them away)
+    advanced = page.evaluate("""() => LiteGraph.createNode('RAPMTrain').widgets
+        .filter(w => w.options && w.options.advanced).map(w => w.name)""")
+    spec = classes["RAPMTrain"].INPUT_TYPES()
+    marked = [n for section in ("required", "optional") for n, e in spec[section].items()
+              if len(e) > 1 and e[1].get("advanced")]
+    assert advanced == marked, advanced
+    assert "iterations" not in marked and "name" not in marked and len(marked) >= 8
 
 
 def test_the_template_browser_shows_a_card_with_a_picture_for_each_workflow(page, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from headless import tiny_models
-from comfy_rapm import lora as lora_mod
+from comfy_rapm import lora as lora_mod, training_unet
 
 
 def _load_checkpoint_like_the_executor(host, tmp_path):
@@ -45,7 +45,7 @@ def test_gradients_reach_adapters_only_and_the_cached_model_is_unchanged(host, t
         x_in = x.clone().requires_grad_(True)
 
         def step(d):
-            with h.training_weights(student, compute_dtype), h.lora_attached(student, adapters):
+            with training_unet.training_weights(h.unet(student), compute_dtype), training_unet.lora_attached(h.module_root(student), adapters):
                 out = d(x_in.to(d.device), sigma, cfg=2.0)
                 out.square().mean().backward()
                 adapters.set_enabled(False)
@@ -88,7 +88,7 @@ def test_training_weights_replace_the_originals_instead_of_keeping_both(host):
 
     def body(d):
         originals = [weakref.ref(p) for p in unet.parameters()]
-        with h.training_weights(student, torch.bfloat16):
+        with training_unet.training_weights(h.unet(student), torch.bfloat16):
             gc.collect()
             alive = [r for r in originals if r() is not None]
             dtypes = {p.dtype for p in unet.parameters()}
@@ -116,7 +116,7 @@ def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, 
         student = h.trainable_clone(model, torch.float32)
 
         def run(d):
-            with h.training_weights(student, torch.float32), h.lora_attached(student, adapters), torch.no_grad():
+            with training_unet.training_weights(h.unet(student), torch.float32), training_unet.lora_attached(h.module_root(student), adapters), torch.no_grad():
                 return d(x.to(d.device), sigma, cfg=2.0).cpu()
         bypass = h.run_with_denoiser(student, pos, neg, x.shape, run)
     with torch.inference_mode():

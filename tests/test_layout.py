@@ -7,6 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
+        "presets", "training_unet", "reference",
         "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed"]
 
 

@@ -1,12 +1,12 @@
 """The product's batched iteration computes the same losses and gradients as the plain, slot-by-slot
-reference of Alg. 2 in bench/reference_rapm.py (fp32, CPU, tiny model). bench/perf.py repeats the check
+reference of Alg. 2 in comfy_rapm/reference.py (fp32, CPU, tiny model). bench/perf.py repeats the check
 in bf16 on the GPU at full size."""
 import pytest
 import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from bench.reference_rapm import compare_with_product
+from comfy_rapm.reference import compare_with_product
 from comfy_rapm import session, trainer
 
 
@@ -17,8 +17,8 @@ def test_product_iteration_equals_the_reference(host, tmp_path, mode, low_memory
     teacher = tiny_models.make_model_patcher("sd15", seed=6)
     tset = rapm_fixtures.make_trajectory_set(tmp_path / "s", teacher, count=2, steps=4, fine_steps=2)
     config = trainer.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, mode=mode, low_memory=low_memory,
-                            absolute_weight=[1.0, 0.5, 2.0, 1.0], huber_c=0.001)
-    sess = session.Session(teacher, tset, config, gradient_checkpointing=checkpointing)
+                            absolute_weight=[1.0, 0.5, 2.0, 1.0], huber_c=0.001, gradient_checkpointing=checkpointing)
+    sess = session.Session(teacher, tset, config)
 
     def check(tr):
         # graphs on (not in low-memory mode): off CUDA the passes run eagerly through the graph wrapper,

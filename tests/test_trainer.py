@@ -58,7 +58,7 @@ def test_discriminator_steps_touch_only_discriminators_and_student_steps_only_th
 
 @pytest.mark.parametrize("kernel", [None, 1])
 def test_discriminator_heads_are_pcms_unless_another_size_is_asked_for(teacher, tset, kernel):
-    sess = session.Session(teacher, tset, _config(), discriminator_kernel=kernel)
+    sess = session.Session(teacher, tset, _config() if kernel is None else _config(discriminator_kernel=kernel))
 
     def sizes(tr):
         tr.run_iteration()  # the heads train at that size
@@ -78,8 +78,8 @@ def test_relative_target_starts_from_the_stored_teacher_position(teacher, tset):
         inputs, outputs, relative = tr.targets(positions, cond)
 
         def two_steps(start):
-            mid = tr._step(start, tr.s_from, tr.s_delta, cond, tr.data.cfg, student=False)
-            return tr._step(mid, tr.s_delta, tr.s_to, cond, 1.0, student=True)
+            mid = tr.ddim_step(start, tr.s_from, tr.s_delta, cond, tr.data.cfg, student=False)
+            return tr.ddim_step(mid, tr.s_delta, tr.s_to, cond, 1.0, student=True)
         with torch.no_grad():
             from_teacher, from_student = two_steps(positions[:-1]), two_steps(inputs)
         torch.testing.assert_close(relative, from_teacher, rtol=0, atol=0)
@@ -105,7 +105,7 @@ def test_slots_are_decoupled_and_slot_by_slot_backprop_gives_the_same_gradient(t
 
         def grads(j, slot_inputs):
             tr.lora.zero_grad(set_to_none=True)
-            z = tr._step(slot_inputs[j], tr.s_from[j], tr.s_to[j], cond, 1.0, student=True)
+            z = tr.ddim_step(slot_inputs[j], tr.s_from[j], tr.s_to[j], cond, 1.0, student=True)
             h, g = tr._student_losses(z, j, relative, positions[1:], t_adv, noise, cond)
             (h + g).backward()
             return torch.cat([p.grad.flatten() for p in tr.lora.parameters()])
@@ -190,7 +190,7 @@ def test_training_lowers_the_four_step_error_against_the_teacher_endpoints(host,
                 z = positions[0:1].float()
                 cond = tr.data.conditioning(i)
                 for j in range(tr.steps):
-                    z = tr._step(z, tr.s_from[j:j + 1], tr.s_to[j:j + 1], cond, 1.0, student=True)
+                    z = tr.ddim_step(z, tr.s_from[j:j + 1], tr.s_to[j:j + 1], cond, 1.0, student=True)
                 err += float(((z[0] - positions[-1]) ** 2).mean())
         return err / len(tr.data.positions)
 
@@ -329,17 +329,18 @@ def test_student_graded_graphs_stay_off_under_the_cuda_malloc_async_allocator(te
     graphs there, runs the student's passes with grad eagerly and says why (on the node's progress line too)."""
     from comfy_rapm import cuda_graphs
     native = session.Session(teacher, tset, _config())
-    assert native.student_graphs_off_reason is None and native.cuda_graphs and native.graded_graphs and native.student_graphs
+    assert native.student_graphs_off_reason is None and native.config.uses_cuda_graphs and native.config.uses_graded_graphs \
+        and native.student_graphs
     graphs = native.run(lambda tr: native.graphs)
     assert graphs.graded and graphs.graded_parameters
     monkeypatch.setattr(cuda_graphs, "allocator_backend", lambda: "cudaMallocAsync")
     sess = session.Session(teacher, tset, _config())
-    assert sess.cuda_graphs and sess.graded_graphs and not sess.student_graphs
+    assert sess.config.uses_cuda_graphs and sess.config.uses_graded_graphs and not sess.student_graphs
     assert "cudaMallocAsync" in sess.student_graphs_off_reason and "--disable-cuda-malloc" in sess.student_graphs_off_reason
     graphs = sess.run(lambda tr: sess.graphs)
     assert graphs is not None and graphs.graded and not graphs.graded_parameters
     low = session.Session(teacher, tset, _config(low_memory=True))  # off anyway: nothing to explain
-    assert low.student_graphs_off_reason is None and not low.cuda_graphs
+    assert low.student_graphs_off_reason is None and not low.config.uses_cuda_graphs
 
 
 def test_the_nodes_text_line_starts_fresh_and_after_cancel_says_a_checkpoint_was_written(host, teacher, tset,

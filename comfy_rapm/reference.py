@@ -1,8 +1,8 @@
-"""A plain reference of RAPM's Alg. 2 for the benchmark: slot by slot, eager, as the paper writes it
-(no batching across slots, no shared no-grad chain, no memory tricks). It reuses the product's
-primitives (the model call, the LoRA switch, the discriminator heads, DDIM and the losses) but none
-of its scheduling, so it checks that the product's batched iteration computes the same losses and
-gradients, and it is the baseline the product's speed is compared with."""
+"""RAPM's Alg. 2 as the paper writes it, slot by slot and eager: the readable specification the fast path in
+trainer.py is held against (no batching across slots, no shared no-grad chain, no memory tricks). It uses the
+trainer's public pieces (a DDIM step of teacher or student, the backbone's features, the heads, the losses) and
+none of its scheduling, so tests/test_reference_equivalence.py and bench/perf.py check that the product's
+batched iteration computes the same losses and gradients; bench/perf.py also times it as the baseline."""
 from __future__ import annotations
 
 import torch
@@ -28,10 +28,10 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
         s0, s1, sd = tr.s_from[j:j + 1], tr.s_to[j:j + 1], tr.s_delta[j:j + 1]
         z_tilde_next, z_tilde = positions[j:j + 1], positions[j + 1:j + 2]
         with torch.no_grad():
-            z_delta = tr._step(z_tilde_next, s0, sd, cond, tr.data.cfg, student=False)   # teacher Δ-step
-            z_hat = tr._step(z_delta, sd, s1, cond, 1.0, student=True).detach()          # 1st detach
+            z_delta = tr.ddim_step(z_tilde_next, s0, sd, cond, tr.data.cfg, student=False)   # teacher Δ-step
+            z_hat = tr.ddim_step(z_delta, sd, s1, cond, 1.0, student=True).detach()          # 1st detach
         with torch.set_grad_enabled(student_turn):
-            z_phi = tr._step(z, s0, s1, cond, 1.0, student=True)
+            z_phi = tr.ddim_step(z, s0, s1, cond, 1.0, student=True)
         w = tr.weights[j]
         if student_turn:
             if cfg.uses_relative:
@@ -41,7 +41,7 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
         if cfg.uses_gan:
             t, n = draws.t_adv[j:j + 1], noise[j:j + 1]
             if student_turn:
-                f = tr._backbone(z_phi, t, s1, n, cond)
+                f = tr.backbone_features(z_phi, t, s1, n, cond)
                 g = torch.zeros((), device=tr.device)
                 if cfg.uses_relative:
                     g = g + losses.hinge_generator(d.relative(f)).sum()
@@ -50,9 +50,9 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
                 loss = loss + cfg.adversarial_weight * g
             else:
                 with torch.no_grad():
-                    fake = tr._backbone(z_phi.detach(), t, s1, n, cond)
-                    real_rel = tr._backbone(z_hat, t, s1, n, cond) if cfg.uses_relative else None
-                    real_abs = tr._backbone(z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
+                    fake = tr.backbone_features(z_phi.detach(), t, s1, n, cond)
+                    real_rel = tr.backbone_features(z_hat, t, s1, n, cond) if cfg.uses_relative else None
+                    real_abs = tr.backbone_features(z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
                 if cfg.uses_relative:
                     loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel)).sum()
                 if cfg.uses_absolute:
