@@ -15,7 +15,8 @@ Two linear softmax heads (multinomial logistic regression) on the EfficientNet-L
     probe = F.fit(train_feats, {"style": style[train], "category": category[train]})
     probe.accuracy(gen_feats, {"style": style[prompts], "category": category[prompts]})
 
-Pure torch (float64, full-batch L-BFGS: deterministic on the CPU); no pickle, nothing downloaded."""
+Pure torch (float64, full-batch L-BFGS, on CUDA where available: 74 s for the full set on one busy CPU core;
+deterministic on the CPU); no pickle, nothing downloaded."""
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,8 @@ def category_names(data: dict) -> list[str]:
 
 def _fit_head(x: torch.Tensor, y: torch.Tensor, classes: int, penalty: float, iterations: int = 200) -> torch.Tensor:
     """(d+1, classes) weights (last row: bias) of an L2-penalised multinomial logistic regression."""
-    w = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, requires_grad=True)
-    xb = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    w = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    xb = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
@@ -67,13 +68,13 @@ class Probe:
         self.penalties, self.majority, self.validation = penalties, majority, validation
 
     def _x(self, feats) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(feats, dtype=np.float64))
+        x = torch.as_tensor(np.asarray(feats, dtype=np.float64), device=self.mean.device)
         x = (x - self.mean) / self.std
-        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
 
     def predict(self, feats) -> dict[str, np.ndarray]:
         x = self._x(feats)
-        return {name: self.classes[name][(x @ w).argmax(1).numpy()] for name, w in self.heads.items()}
+        return {name: self.classes[name][(x @ w).argmax(1).cpu().numpy()] for name, w in self.heads.items()}
 
     def accuracy(self, feats, targets: dict[str, np.ndarray]) -> dict[str, float]:
         pred = self.predict(feats)
@@ -97,10 +98,12 @@ def _validation_mask(groups: np.ndarray) -> np.ndarray:
     return np.array([int(g) in held for g in groups])
 
 
-def fit(feats, targets: dict[str, np.ndarray], groups=None, penalties=PENALTIES) -> Probe:
+def fit(feats, targets: dict[str, np.ndarray], groups=None, penalties=PENALTIES, device=None) -> Probe:
     """Fit one head per target on real training features. `groups` (the concept of each row): the penalty of
-    each head is chosen on the groups' held-out fifth (the first penalty when there is nothing to validate on)."""
-    x = torch.as_tensor(np.asarray(feats, dtype=np.float64))
+    each head is chosen on the groups' held-out fifth (the first penalty when there is nothing to validate on).
+    On `device` (default: CUDA where available; float64 either way)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = torch.as_tensor(np.asarray(feats, dtype=np.float64), device=device)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     val = _validation_mask(np.asarray(groups)) if groups is not None else np.zeros(len(x), bool)
@@ -109,16 +112,16 @@ def fit(feats, targets: dict[str, np.ndarray], groups=None, penalties=PENALTIES)
         y = np.asarray(y)
         cls = np.unique(y)
         classes[name] = cls
-        idx = torch.as_tensor(np.searchsorted(cls, y))
-        counts = np.bincount(idx.numpy(), minlength=len(cls))
+        idx = torch.as_tensor(np.searchsorted(cls, y), device=device)
+        counts = np.bincount(idx.cpu().numpy(), minlength=len(cls))
         majority[name] = cls[int(counts.argmax())]
         best = (penalties[0], None)
-        tr, va = torch.as_tensor(~val), torch.as_tensor(val)
+        tr, va = torch.as_tensor(~val, device=device), torch.as_tensor(val, device=device)
         if len(cls) > 1 and va.any() and tr.any():
             scores = []
             for lam in penalties:
                 w = _fit_head(xs[tr], idx[tr], len(cls), lam)
-                xv = torch.cat([xs[va], torch.ones(int(va.sum()), 1, dtype=xs.dtype)], 1)
+                xv = torch.cat([xs[va], torch.ones(int(va.sum()), 1, dtype=xs.dtype, device=device)], 1)
                 scores.append(float(((xv @ w).argmax(1) == idx[va]).double().mean()))
             best = (penalties[int(np.argmax(scores))], max(scores))
         chosen[name], validation[name] = best
