@@ -238,8 +238,9 @@ def student_loras(work: Path, name: str) -> dict[int, Path]:
 
 
 def train_students(runs: dict, teacher_path: Path, sets: dict, work: Path, deadline: float, args, clock) -> dict:
-    """Each run in its own process, all at once: at batch size 1 a run is bound by its process's launches, so
-    runs share the GPU well. Returns {name: result}; a failed worker is logged and left out."""
+    """Each run in its own process, all at once (at batch size 1 a run alone leaves the GPU mostly idle, bound by its
+    own launches). Runs already at their iterations are not started. Returns {name: result}; a failed worker is
+    logged and left out."""
     from comfy_rapm import trainer
     procs, results = {}, {}
     for name, (steps, inputs) in runs.items():
@@ -277,8 +278,8 @@ def train_students(runs: dict, teacher_path: Path, sets: dict, work: Path, deadl
 # --------------------------------------------------------------------------- evaluation
 
 class Evaluator:
-    """The fixed parts of scoring: prompts and noise of the two sets, real features and statistics, the
-    fidelity classifier. `score(images)` → metrics of one generated set."""
+    """The fixed parts of scoring: prompts and noise of the two sets (held-out, training prompts), real features and
+    statistics, the fidelity classifier. `metrics(set name, images, bootstrap)` → the metrics of one generated set."""
 
     def __init__(self, data, args, shape, clock):
         import eval as E
@@ -629,15 +630,15 @@ def run_stages(c: dict) -> int:
 
 
 def score_reserve(c: dict) -> float:
-    """Seconds the scoring of the students will take: each student row costs about what the teacher's DDIM-4
-    row did here (sampling is a few steps; the metrics dominate), each curve point half of it."""
+    """Seconds the scoring of the students will take: each student row costs about what the teacher's DDIM-4 row
+    did here (sampling is a few steps; the metrics dominate), a search row (training prompts, no interval) and an
+    FD-curve point (held-out, no interval) about half of it; up to 4 new curve points."""
     doc = c["store"].get(f"teacher_ddim_4_cfg{c['chosen_cfg']:g}",
                          dict(c["eval_key"], row="teacher_ddim_4", spec=ROWS["teacher_ddim_4"], cfg=c["chosen_cfg"]))
     per_row = float(doc["seconds"]) if doc else 30.0
-    n_rows = len(c["runs"])
-    curve_points = max(1, int(c["inputs"]["iterations"]) // c["args"].curve_every)
-    curve_points = min(curve_points, 8)  # the points of this call's training; older ones are cached
-    return 30 + 1.3 * per_row * (n_rows + 0.5 * curve_points)
+    search = sum(1 for name in c["runs"] if name.startswith("search_"))
+    main_rows = len(c["runs"]) - search
+    return 30 + 1.3 * per_row * (main_rows + 0.5 * search + 0.5 * 4)
 
 
 def score_students(c: dict) -> None:
