@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -39,6 +38,8 @@ for p in (str(HERE), str(REPO)):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import teacher as T  # noqa: E402  (imports no ComfyUI until T.comfy_init)
 
 REFERENCE = "teacher_ddim_100"
 ROWS = {  # key → how the row samples; table order
@@ -101,7 +102,6 @@ def trajectory_rows(split: torch.Tensor, count: int) -> torch.Tensor:
 def trajectory_set(folder, mp, data, rows, steps, fine_steps, cfg, batch_size, seed=0):
     """Teacher trajectories through the product's own store and generation code (the RAPMTeacherTrajectory
     node's: trajectories.Store + session.trajectory_shard), with the dataset's text states as conditioning."""
-    import teacher as T
     from comfy_rapm import host, session, trajectories
     captions = data["meta"]["captions"] if data.get("meta") and "captions" in data["meta"] else None
     names = [captions[int(r)] if captions else f"row {int(r)}" for r in rows]
@@ -189,7 +189,6 @@ def worker(argv) -> int:
     ap.add_argument("--prior-seconds-per-iteration", type=float, default=0.4)
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args(argv)
-    import teacher as T
     T.comfy_init(cpu=args.cpu or not torch.cuda.is_available())
     result = train_student(args.worker, args.teacher, args.trajectories_dir, args.work, json.loads(args.inputs),
                            args.deadline, args.curve_every, args.prior_seconds_per_iteration)
@@ -201,7 +200,6 @@ def train_student(name: str, teacher_path: Path, trajectories_dir: Path, work: P
                   curve_every: int, prior_spi: float) -> dict:
     import folder_paths
     import pack
-    import teacher as T
     from comfy_rapm import storage, trainer, trajectories
     folder = work / "students" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -292,8 +290,8 @@ class Evaluator:
             heldout = heldout[: args.smoke_samples]
             train = train[: args.smoke_samples]
         self.rows = {"heldout": heldout.repeat(args.heldout_repeats), "train": train}
-        self.noise = {"heldout": _noise(len(self.rows["heldout"]), 1234, shape),
-                      "train": _noise(len(self.rows["train"]), 4321, shape)}
+        self.noise = {"heldout": T.make_noise(len(self.rows["heldout"]), 1234, shape),
+                      "train": T.make_noise(len(self.rows["train"]), 4321, shape)}
         t0 = time.perf_counter()
         train_split = torch.nonzero(split == 0).flatten().numpy()
         if args.cpu_smoke:  # the classifier on a few training images: the code path, not the accuracy
@@ -314,8 +312,8 @@ class Evaluator:
             "classifier": self.probe.describe(),
             "real_heldout_vs_real_train_fd": E.RealStats(feats[train_split]).fd(feats[held_real]),
         }
-        self.cond = {name: _conditioning(data, r) for name, r in self.rows.items()}
-        self.negative = _empty(data)
+        self.cond = {name: T.conditioning(data["hidden"][r], data["attention_mask"][r]) for name, r in self.rows.items()}
+        self.negative = T.empty_conditioning(data)
         clock.log(f"evaluation ready in {time.perf_counter() - t0:.0f}s: {len(self.rows['heldout'])} held-out and "
                   f"{len(self.rows['train'])} training samples per row; classifier on real held-out images: "
                   f"style {self.reference['real_heldout']['style']:.3f}, category {self.reference['real_heldout']['category']:.3f}")
@@ -334,23 +332,7 @@ class Evaluator:
         return out
 
 
-def _noise(count: int, seed: int, shape) -> torch.Tensor:
-    import teacher as T
-    return T.make_noise(count, seed, shape)
-
-
-def _conditioning(data, rows):
-    import teacher as T
-    return T.conditioning(data["hidden"][rows], data["attention_mask"][rows])
-
-
-def _empty(data):
-    import teacher as T
-    return T.empty_conditioning(data)
-
-
 def _sample(ev: Evaluator, model, spec: dict, cfg: float, name: str) -> torch.Tensor:
-    import teacher as T
     cond, noise = ev.cond[name], ev.noise[name]
     batch = ev.args.sample_batch
     if spec["kind"] == "ksampler":
@@ -477,10 +459,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     use_cuda = torch.cuda.is_available() and not args.cpu
 
-    import teacher as T
     T.comfy_init(cpu=not use_cuda)
     import pack
-    from comfy_rapm import host, storage
+    from comfy_rapm import storage
     from dataset import load_dataset
 
     commands_file = work / "commands.json"
@@ -684,7 +665,6 @@ def score_students(c: dict) -> None:
 def publish_teacher(folder: Path, dest: Path, part_bytes: int = 15 * 2 ** 20) -> None:
     """The teacher's files for OUT: teacher.json, preview.png/.txt and the weights (in parts under 16 MiB, what a
     device call returns: rejoin with `cat teacher.safetensors.part* > teacher.safetensors`)."""
-    import teacher as T
     dest.mkdir(parents=True, exist_ok=True)
     for name in (T.CONFIG_NAME, "preview.png", "preview.txt"):
         if (folder / name).exists():
@@ -701,7 +681,6 @@ def publish_teacher(folder: Path, dest: Path, part_bytes: int = 15 * 2 ** 20) ->
 
 def collect(c: dict) -> dict:
     """quality.json from what WORK holds now."""
-    import teacher as T
     args, store = c["args"], c["store"]
     cfg = c.get("chosen_cfg") or (c.get("headroom") or {}).get("cfg") or c["cfg"]
     tdoc = c["doc"]
@@ -846,7 +825,6 @@ def markdown(report: dict) -> str:
 
 
 def write_report(c: dict) -> None:
-    from comfy_rapm import storage
     if "store" not in c:
         return
     report = collect(c)
