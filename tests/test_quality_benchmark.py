@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import rapm_fixtures
+
 pytestmark = pytest.mark.quality
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,18 +37,9 @@ def mods(host):
                                                               "pack", "run_benchmark")}
 
 
-def _perturbed(T, config, seed=0):
-    mp = T.build_teacher(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mp.model.diffusion_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return mp
-
-
 def test_space_to_depth_teacher_is_a_comfyui_model_of_64px_images(mods):
     T = mods["teacher"]
-    mp = _perturbed(T, TINY2)
+    mp = rapm_fixtures.perturbed_teacher(T, TINY2)
     fmt = mp.model.latent_format
     assert fmt.latent_channels == 12 and fmt.spacial_downscale_ratio == 2 and fmt.scale_factor == 1.0
     assert T.latent_shape(TINY2) == (12, 16, 16) and T.patch_of(mp) == 2
@@ -68,7 +61,7 @@ def test_free_rows_are_what_the_stock_ksampler_node_returns(mods, host, sampler,
     steps differs from the trailing DDIM grid only by its last step (to σ = 0 instead of σ(t=0))."""
     import comfy.sample
     T = mods["teacher"]
-    mp = _perturbed(T, TINY2, seed=2)
+    mp = rapm_fixtures.perturbed_teacher(T, TINY2, seed=2)
     cond = T.conditioning(torch.randn(2, 16, 384, generator=torch.Generator().manual_seed(3)))
     neg = T.conditioning(torch.zeros(1, 16, 384))
     latent = {"samples": torch.zeros((2,) + T.latent_shape(TINY2))}

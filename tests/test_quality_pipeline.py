@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import rapm_fixtures
+
 pytestmark = pytest.mark.quality
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +43,7 @@ def mini(quality_mini):
 
 
 def _perturbed_tiny(teacher, seed=0):
-    """A tiny teacher whose zero-initialised layers are nudged, so its output depends on its input."""
-    mp = teacher.build_teacher(TINY)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mp.model.diffusion_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return mp
+    return rapm_fixtures.perturbed_teacher(teacher, TINY, seed)
 
 
 def test_teacher_is_a_comfyui_eps_model(mods):
