@@ -10,7 +10,7 @@ HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py te
 	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py tests/test_layout.py
 HOST_DIR = $(CURDIR)/.comfyui/hosts/$(HOST)
 
-.PHONY: setup test test-host demo clean
+.PHONY: setup test test-host demo clean quality-carry
 
 setup:
 	@bash scripts/setup.sh
@@ -29,3 +29,9 @@ demo: setup
 
 clean:
 	rm -rf .venv .comfyui out
+
+# The quality benchmark's GPU carry (bench/quality/README.md, "The GPU plan"): the 64-px emoji set, packed with the
+# slim ComfyUI tree and the wheels into .data/carry/ and .whl/ (git-ignored), sizes checked. Needs npm and PyPI.
+quality-carry: setup
+	$(PY) bench/quality/prepare_data.py --out .data/quality64 --size 64
+	$(PY) bench/quality/stage_carry.py --data .data/quality64

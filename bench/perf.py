@@ -58,13 +58,8 @@ VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no
 
 def import_host(comfyui: str | None):
     """The comfy.* modules the product uses, without the node registry or the server."""
-    from headless.comfy_host import find_comfyui
-    sys.path.insert(0, str(find_comfyui(comfyui)))
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    import comfy.model_management  # noqa: F401
+    from headless.comfy_host import import_comfy
+    import_comfy(comfyui)
 
 
 def build_model(kind: str):

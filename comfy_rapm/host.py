@@ -343,25 +343,27 @@ def interrupted_types() -> tuple[type, ...]:
 
 # --- models built from weights (the demo's teacher) ------------------------------------------
 
-def latent_format(channels: int, downscale: int, scale_factor: float = 1.0, identity: bool = True):
-    """A ComfyUI latent format class: `channels`-channel latents at 1/`downscale` of the image size; with
-    `identity`, process_in/out leave the latent as it is (the demo's pixels)."""
+def latent_format(channels: int, downscale: int, rgb_factors: list | None = None):
+    """A ComfyUI latent format class for latents that are images rearranged (the demo's pixels, a
+    space-to-depth of them): `channels` channels at 1/`downscale` of the image size, scale 1, process_in/out the
+    identity; `rgb_factors` (channels × 3) make its previews (default: channel c shows as colour c)."""
     import comfy.latent_formats
+    rgb = rgb_factors or [[1.0 if c == j else 0.0 for j in range(3)] for c in range(channels)]
 
-    class Latent(comfy.latent_formats.LatentFormat):
+    class ImageLatent(comfy.latent_formats.LatentFormat):
         latent_channels = channels
         latent_dimensions = 2
+        scale_factor = 1.0
         spacial_downscale_ratio = downscale
-        latent_rgb_factors = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(channels)] if channels <= 3 else None
+        latent_rgb_factors = rgb
 
         def process_in(self, latent):
-            return latent if identity else super().process_in(latent)
+            return latent
 
         def process_out(self, latent):
-            return latent if identity else super().process_out(latent)
-    Latent.scale_factor = scale_factor
-    Latent.__name__ = Latent.__qualname__ = f"Latent{channels}x{downscale}"
-    return Latent
+            return latent
+    ImageLatent.__name__ = ImageLatent.__qualname__ = f"ImageLatent{channels}x{downscale}"
+    return ImageLatent
 
 
 def eps_unet_model(unet_config: dict, state_dict: dict, latent):

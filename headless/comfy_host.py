@@ -91,24 +91,34 @@ def serve(args: list[str], log_path: str | os.PathLike, comfyui: str | None = No
 _booted: dict = {}
 
 
+def import_comfy(comfyui: str | None = None, cpu: bool | None = None) -> Path:
+    """Import ComfyUI's `comfy` package in this process, without its nodes or server (what the benchmarks need to
+    build and run models). `cpu` None: the CPU only where CUDA is unavailable. A no-op where it is imported
+    already (a booted host, or inside ComfyUI); returns the host's folder."""
+    if "comfy.model_management" in sys.modules:
+        return Path(sys.modules["comfy.model_management"].__file__).resolve().parent.parent
+    path = find_comfyui(comfyui)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    if cpu is None:
+        import torch
+        cpu = not torch.cuda.is_available()
+    comfy.cli_args.args.cpu = bool(cpu)
+    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    return path
+
+
 def boot(comfyui: str | None = None, cpu: bool | None = None, output_directory: str | None = None,
          input_directory: str | None = None, extra_model_dirs: tuple[str, ...] = (), quiet: bool = True):
     """Import ComfyUI in-process once and load every node (built-in extras and custom nodes,
     this pack included). Returns the host's `nodes` module. Later calls only change folders."""
     if not _booted:
-        path = find_comfyui(comfyui)
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
         if quiet:
             logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
-        if cpu is None:
-            import torch
-            cpu = not torch.cuda.is_available()
-        comfy.cli_args.args.cpu = bool(cpu)
-        import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+        path = import_comfy(comfyui, cpu)
         import utils.extra_config  # noqa: F401  (before `nodes`, or `utils` is shadowed by comfy/utils.py)
         import nodes
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

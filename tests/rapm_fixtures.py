@@ -27,3 +27,14 @@ def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps
     with torch.inference_mode():
         trajectories.generate(store, run_batch)
     return trajectories.TrajectorySet(folder)
+
+
+def perturbed_teacher(teacher_module, config: dict, seed: int = 0):
+    """A bench/quality teacher (`teacher_module` is bench/quality/teacher.py) whose zero-initialised layers are
+    nudged, so its output depends on its input."""
+    mp = teacher_module.build_teacher(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mp.model.diffusion_model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return mp

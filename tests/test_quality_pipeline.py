@@ -1,7 +1,8 @@
 """Miniature of the quality benchmark's pipeline (bench/quality/teacher.py, train_teacher.py,
-eval.py): a tiny teacher built from ComfyUI's UNet, 5 training steps on the `--limit 8` emoji set,
-sampling through ComfyUI's own sampler, EfficientNet-Lite0 features and the metrics, and a
-save/load round trip. The data needs `npm` (skipped without it); select with `-m quality`."""
+eval.py, trajectory_fit.py): a tiny teacher built from ComfyUI's UNet, 5 training steps on the `--limit 8`
+emoji set, sampling through ComfyUI's own sampler, EfficientNet-Lite0 features and the metrics, and a
+save/load round trip. The whole driver's miniature is tests/test_quality_benchmark.py. The data needs `npm`
+(skipped without it); select with `-m quality`."""
 import importlib
 import json
 import shutil
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import rapm_fixtures
 
 pytestmark = pytest.mark.quality
 
@@ -40,13 +43,7 @@ def mini(quality_mini):
 
 
 def _perturbed_tiny(teacher, seed=0):
-    """A tiny teacher whose zero-initialised layers are nudged, so its output depends on its input."""
-    mp = teacher.build_teacher(TINY)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mp.model.diffusion_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return mp
+    return rapm_fixtures.perturbed_teacher(teacher, TINY, seed)
 
 
 def test_teacher_is_a_comfyui_eps_model(mods):
@@ -244,36 +241,6 @@ def test_pipeline_miniature(mods, mini, tmp_path):
     np.testing.assert_array_equal(px[2:34, 2:34], real[rows[0]].permute(1, 2, 0).numpy())
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_benchmark_driver_miniature(mods, mini, tmp_path, parallel):
-    """bench/quality/run_benchmark.py end to end at toy scale: teacher, trajectories through the product's
-    store, RAPM and the three ablations through the product's trainer (in this process, or one worker
-    process per run), evaluation, report."""
-    import json
-    import run_benchmark
-    out = tmp_path / "q"
-    assert run_benchmark.main([
-        "--data", str(mini), "--out", str(out), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
-        "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
-        "--iterations", "4", "--curve-points", "2", "--eval-samples", "12", "--rank", "2", "--lora-alpha", "0.5", "--disc-kernel", "1",
-        "--reference-steps", "6"]
-        + (["--parallel", "--eval-reserve-seconds", "0"] if parallel else [])) == 0
-    report = json.loads((out / "quality.json").read_text())
-    assert set(report["rows"]) == {r[0] for r in run_benchmark.ROWS}
-    assert all(r["heldout"]["fd"] >= 0 and r["train"]["n"] == 12 for r in report["rows"].values())
-    assert set(report["training"]) == {"rapm4", "relative_only4", "absolute_only4", "huber_only4", "rapm2"}
-    assert all(t["iterations"] == 4 for t in report["training"].values())
-    assert [c["iteration"] for c in report["curve"]] == [2, 4]
-    assert "rapm4_better_than_huber_only" in report["goals"]
-    assert (out / "quality.md").is_file() and (out / "grids.png").is_file() and (out / "rapm4_lora.safetensors").is_file()
-    from safetensors.torch import load_file
-    alphas = {float(v) for k, v in load_file(str(out / "rapm4_lora.safetensors")).items() if k.endswith(".alpha")}
-    assert alphas == {0.5}  # --lora-alpha reached the training (also through the --parallel workers)
-    state = load_file(str(out / "work" / "run_rapm4" / "checkpoint.safetensors"))
-    heads = {tuple(v.shape[2:]) for k, v in state.items() if "block1.0.weight" in k}
-    assert heads == {(1, 1)}  # --disc-kernel 1 reached the discriminators
-
-
 def test_trajectory_rows_repeat_prompts_past_one_per_prompt():
     import run_benchmark
     split = torch.tensor([0, 1, 0, 0, 2, 0, 0])  # five training rows
@@ -282,43 +249,6 @@ def test_trajectory_rows_repeat_prompts_past_one_per_prompt():
     many = run_benchmark.trajectory_rows(split, 12)
     assert len(many) == 12 and sorted(many[:5].tolist()) == [0, 2, 3, 5, 6]
     assert many[5:10].tolist() == many[:5].tolist() and many[10:].tolist() == many[:2].tolist()
-
-
-def test_benchmark_driver_continues_across_calls(mods, mini, tmp_path):
-    """A run longer than one device call: a --train-only call, then a scoring call that resumes the runs from
-    their checkpoints in the same --work (the curve spans both calls), then a call that trains nothing more and
-    reads the teacher's rows from the cache instead of sampling them again."""
-    import json
-    import run_benchmark
-    work = tmp_path / "work"
-    common = ["--data", str(mini), "--cpu", "--teacher-minutes", "0.01", "--teacher-batch-size", "8",
-              "--teacher-config", '{"num_res_blocks": 1, "model_channels": 32}', "--trajectories", "6", "--fine-steps", "2",
-              "--curve-every", "2", "--eval-samples", "12", "--rank", "2", "--reference-steps", "6", "--work", str(work),
-              "--runs", "rapm4,huber_only4", "--parallel", "--eval-reserve-seconds", "0"]
-    first = tmp_path / "first"
-    assert run_benchmark.main(common + ["--out", str(first), "--iterations", "2", "--train-only"]) == 0
-    trained = json.loads((first / "training.json").read_text())["training"]
-    assert trained["rapm4"]["iterations"] == 2 and not (first / "quality.json").exists()
-    assert not (work / "teacher_rows.json").exists()  # nothing scored in a training-only call
-    teacher = str(first / "teacher")  # later calls must use the same teacher
-    second = tmp_path / "second"
-    assert run_benchmark.main(common + ["--out", str(second), "--iterations", "4", "--teacher", teacher]) == 0
-    report = json.loads((second / "quality.json").read_text())
-    assert report["training"]["rapm4"]["iterations"] == 4 and report["training"]["rapm4"]["iterations_this_call"] == 2
-    assert [c["iteration"] for c in report["curve"]] == [2, 4]  # the first call's snapshot is on the curve
-    assert (work / "teacher_rows.json").exists()
-    points = work / "curve_points.json"  # FD-curve points are scored once per LoRA file: marked, then read back
-    cached = json.loads(points.read_text())
-    assert list(cached.values()) == [report["curve"][0]["fd_heldout"]]
-    points.write_text(json.dumps({k: 12345.0 for k in cached}))
-    third = tmp_path / "third"
-    assert run_benchmark.main(common + ["--out", str(third), "--iterations", "4", "--teacher", teacher]) == 0
-    again = json.loads((third / "quality.json").read_text())
-    assert again["training"]["rapm4"]["iterations_this_call"] == 0
-    assert [c["fd_heldout"] for c in again["curve"]][0] == 12345.0
-    reference = run_benchmark.REFERENCE
-    assert again["rows"][reference] == report["rows"][reference]  # read back from the cache
-    assert again["rows"]["RAPM 4-step"]["heldout"]["fd"] == pytest.approx(report["rows"]["RAPM 4-step"]["heldout"]["fd"])
 
 
 def test_trajectory_fit_miniature(mods, mini, tmp_path):

@@ -43,15 +43,16 @@ def load_dataset(path: str | Path, device: str | torch.device = "cpu",
         "images": t["images"],
         "hidden": unpack_hidden(t["hidden_packed"], mask, t.get("hidden_scale"), dtype),
         "attention_mask": mask,
-        "token_ids": t["token_ids"].long(),
-        "sentence": t["sentence"].to(dtype),
         "null_hidden": t["null_hidden"].to(dtype),
         "null_attention_mask": t["null_attention_mask"].bool(),
-        "null_sentence": t["null_sentence"].to(dtype),
         "concept": t["concept"].long(),
         "style": t["style"].long(),
         "split": t["split"],
     }
+    for key, convert in (("token_ids", lambda v: v.long()), ("sentence", lambda v: v.to(dtype)),
+                         ("null_sentence", lambda v: v.to(dtype))):
+        if key in t:
+            d[key] = convert(t[key])
     meta_path = st.with_name("dataset.json")
     d["meta"] = json.loads(meta_path.read_text()) if meta_path.exists() else None
     return d

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 import sys
 import time
@@ -133,29 +134,94 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     return max(d, 0.0)
 
 
-def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:
+def _device(device=None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        device: str | torch.device | None = None) -> dict:
     """Kernel Inception Distance on these features: unbiased MMD² with the polynomial kernel
     k(x, y) = (x·y/d + 1)³, averaged over `subsets` random subsets of min(subset_size, n1, n2)
-    rows of each set. Returns {"kid": mean, "kid_std": std over subsets, "subset_size", "subsets"}."""
+    rows of each set (drawn with numpy's default_rng(seed)), computed in float64 on `device` (CUDA where
+    available). Returns {"kid": mean, "kid_std": std over subsets, "subset_size", "subsets"}."""
     f1 = np.asarray(f1, dtype=np.float64)
     f2 = np.asarray(f2, dtype=np.float64)
     d = f1.shape[1]
     m = min(subset_size, f1.shape[0], f2.shape[0])
     if m < 2:
         raise ValueError("kid() needs at least 2 rows in each set")
+    dev = _device(device)
+    a, b = torch.as_tensor(f1, device=dev), torch.as_tensor(f2, device=dev)
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(subsets):
-        x = f1[rng.choice(f1.shape[0], m, replace=False)]
-        y = f2[rng.choice(f2.shape[0], m, replace=False)]
+        x = a[torch.as_tensor(rng.choice(f1.shape[0], m, replace=False), device=dev)]
+        y = b[torch.as_tensor(rng.choice(f2.shape[0], m, replace=False), device=dev)]
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
-        mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmd = ((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
                - 2 * kxy.mean())
         vals.append(mmd)
-    vals = np.asarray(vals)
+    vals = torch.stack(vals).cpu().numpy()
     return {"kid": float(vals.mean()), "kid_std": float(vals.std()), "subset_size": int(m), "subsets": int(subsets)}
+
+
+class RealStats:
+    """The fixed side of FD: mean, covariance square root and trace of a real feature set, computed once
+    (one d×d eigendecomposition) and reused for every generated set and bootstrap replicate."""
+
+    def __init__(self, real_feats: np.ndarray, device: str | torch.device | None = None):
+        self.device = _device(device)
+        f = torch.as_tensor(np.asarray(real_feats, dtype=np.float64), device=self.device)
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"need at least 2 feature rows, got shape {tuple(f.shape)}")
+        self.n = f.shape[0]
+        self.mu = f.mean(0)
+        cov = torch.cov(f.T)
+        w, v = torch.linalg.eigh((cov + cov.T) / 2)
+        self.sqrt_cov = (v * w.clamp_min(0).sqrt()) @ v.T
+        self.trace = float(torch.trace(cov))
+
+    def fd(self, gen_feats, rows=None) -> float:
+        """FD between the real set and the generated features (rows `rows` of them, e.g. a bootstrap draw):
+        |μr-μg|² + tr Σr + tr Σg - 2 tr (Σr^½ Σg Σr^½)^½, the last trace as the sum of the singular values of
+        Xc·Σr^½/√(n-1) (Xc the centred generated features), from the smaller of its two Gram matrices. Equal to
+        `frechet_distance` (tested)."""
+        g = gen_feats if isinstance(gen_feats, torch.Tensor) else torch.as_tensor(np.asarray(gen_feats, np.float64))
+        g = g.to(self.device, torch.float64)
+        if rows is not None:
+            g = g[rows]
+        n = g.shape[0]
+        if n < 2:
+            raise ValueError("fd() needs at least 2 generated rows")
+        mu = g.mean(0)
+        xc = g - mu
+        a = (xc @ self.sqrt_cov) / math.sqrt(n - 1)
+        gram = a @ a.T if n < a.shape[1] else a.T @ a
+        w = torch.linalg.eigvalsh((gram + gram.T) / 2)
+        tr_covmean = w.clamp_min(0).sqrt().sum()
+        tr_gen = (xc * xc).sum() / (n - 1)
+        d = ((self.mu - mu) ** 2).sum() + self.trace + tr_gen - 2 * tr_covmean
+        return max(float(d), 0.0)
+
+    def bootstrap(self, gen_feats, replicates: int = 100, seed: int = 0, level: float = 0.95) -> dict:
+        """A `level` interval for the FD of these generated samples, from `replicates` resamples of them with
+        replacement (the real set fixed). A resample repeats samples, which biases FD upwards (by several times
+        the interval's width at d = 1280, n ≈ 1650), so the plain percentile interval lies above the estimate;
+        the interval returned is the percentile interval shifted by the resamples' mean bias, i.e. centred like
+        the estimate: [fd - (mean* - q_lo), fd + (q_hi - mean*)]. Returns {"low", "high", "fd", "bias",
+        "percentile": [q_lo, q_hi], "std", "replicates"}."""
+        g = torch.as_tensor(np.asarray(gen_feats, np.float64), device=self.device)
+        point = self.fd(g)
+        gen = torch.Generator().manual_seed(int(seed))
+        vals = np.array([self.fd(g, torch.randint(0, g.shape[0], (g.shape[0],), generator=gen).to(self.device))
+                         for _ in range(int(replicates))])
+        lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+        mean = float(vals.mean())
+        return {"low": point - (mean - float(lo)), "high": point + (float(hi) - mean), "fd": point,
+                "bias": mean - point, "percentile": [float(lo), float(hi)], "std": float(vals.std()),
+                "replicates": int(replicates)}
 
 
 def retrieval_top1(generated_feats: np.ndarray, prompted_concepts, real_feats: np.ndarray, real_concepts) -> float:
@@ -220,6 +286,36 @@ def sample_grid(images, path, nrow: int = 8, pad: int = 2, scale: int = 1, pad_v
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_png_bytes(grid.permute(1, 2, 0).contiguous().numpy()))
+    return path
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], path, pad: int = 2, scale: int = 1,
+                  label_width: int = 190) -> Path:
+    """One PNG: a line per (label, uint8 images (N, 3, H, W)), the label written at its left (Pillow's built-in
+    bitmap font), the images after it in order. Every line has the same columns (same prompt and noise)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines = [(label, torch.as_tensor(imgs).cpu()) for label, imgs in rows]
+    if any(imgs.dtype != torch.uint8 for _, imgs in lines):
+        raise ValueError("labelled_grid wants uint8 images")
+    cols = max(imgs.shape[0] for _, imgs in lines)
+    h, w = (max(imgs.shape[-2] for _, imgs in lines) * scale, max(imgs.shape[-1] for _, imgs in lines) * scale)
+    canvas = Image.new("RGB", (label_width + pad + cols * (w + pad), pad + len(lines) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(lines):
+        y = pad + r * (h + pad)
+        draw.text((4, y + h // 2 - 6), label, fill="black", font=font)
+        for c in range(imgs.shape[0]):
+            tile = Image.fromarray(imgs[c, :3].permute(1, 2, 0).contiguous().numpy())
+            if scale > 1:
+                tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+            canvas.paste(tile, (label_width + pad + c * (w + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
     return path
 
 
@@ -297,7 +393,7 @@ def main(argv=None) -> int:
     mp, doc = T.load_teacher(args.teacher, dtype=getattr(torch, args.dtype))
     cond = T.conditioning(data["hidden"][rows], data["attention_mask"][rows])
     neg = T.empty_conditioning(data)
-    noise = T.make_noise(len(rows), args.seed, shape=tuple(real.shape[1:]))
+    noise = T.make_noise(len(rows), args.seed, shape=T.latent_shape(mp.model.teacher_config))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"teacher": str(args.teacher), "teacher_sha256": doc.get("sha256"), "split": args.split,
                "n": int(len(rows)), "seed": args.seed, "features": f"{FEATURE_NET} pooled 1280-d, 224 bilinear, ImageNet norm",
@@ -310,7 +406,7 @@ def main(argv=None) -> int:
         for steps in args.steps:
             t0 = time.perf_counter()
             x = T.sample(mp, cond, neg, noise, T.trailing_sigmas(mp, steps), cfg, batch_size=args.batch_size)
-            gen = T.to_uint8(x)
+            gen = T.images(mp, x)
             secs = time.perf_counter() - t0
             m = evaluate(gen, concepts, real, concepts, reference_uint8=reference, real_feats=real_feats,
                          retrieval_feats=all_feats, retrieval_concepts=data["concept"].numpy(),

@@ -5,8 +5,11 @@ config (ModelType.EPS, so ComfyUI's SD discrete schedule: scaled-linear betas 0.
 steps), wrapped in a `ModelPatcher`: every ComfyUI sampler, the project's trainer and LoRA code take
 it like any SD1.5 MODEL. What differs from SD1.5:
 
-- pixel space: 3x32x32 images in [-1, 1] are the "latents" (`PixelRGB` latent format: 3 channels,
-  scale 1, no VAE; `spacial_downscale_ratio` 1 for code that asks);
+- pixel space: RGB images in [-1, 1] are the "latents" (`PixelRGB` latent format: 3 channels, scale 1,
+  no VAE; `spacial_downscale_ratio` 1 for code that asks), or with `patch` p > 1 their p×p space-to-depth
+  (`torch.nn.functional.pixel_unshuffle`: 3p² channels at 1/p the size, a fixed lossless "autoencoder";
+  64×64 images are 12×32×32 latents at patch 2). The map is a permutation of the pixels, so the noise
+  stays white and diffusion in it is 64-px pixel diffusion, with a UNet whose first layer sees 2×2 patches;
 - text: cross-attention (context_dim 384) to the 16 MiniLM token states of the caption
   (bench/quality/dataset.py), zeros at padding; the empty caption's states are the negative.
 
@@ -37,13 +40,15 @@ FORMAT = "rapm-quality-teacher"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "teacher.safetensors"
 CONFIG_NAME = "teacher.json"
+METADATA_KEY = "rapm_quality_teacher"
 
 # Architecture. Levels: 32x32 (no attention), 16x16 and 8x8 (one transformer block each, cross-
 # attending to the caption's tokens). 64 channels, mult [1,2,2], 2 res blocks: 10.79M parameters,
 # 20.6 MiB in float16.
 DEFAULT_CONFIG = {
-    "image_size": 32,
-    "channels": 3,
+    "image_size": 32,             # pixels (the latent is image_size / patch)
+    "channels": 3,                # image channels (the latent has channels * patch**2)
+    "patch": 1,                   # space-to-depth factor: 1 = pixel space
     "model_channels": 64,
     "channel_mult": [1, 2, 2],
     "num_res_blocks": 2,
@@ -58,39 +63,44 @@ DEFAULT_CONFIG = {
     "pixel_range": [-1.0, 1.0],   # uint8 x -> x / 127.5 - 1
     "init_seed": 0,
 }
+# The benchmark's teacher (bench/quality/README.md): 64x64 images as 12x32x32 latents, otherwise the default
+# architecture (10.80M parameters, 20.6 MiB in float16).
+RECIPE_CONFIG = {"image_size": 64, "patch": 2}
 
 
 # --------------------------------------------------------------------------- ComfyUI
 
 def comfy_init(cpu: bool | None = None, comfyui: str | None = None) -> None:
-    """Import the few ComfyUI modules the teacher needs, without nodes or the server.
-
-    No-op where ComfyUI is already imported (a booted host, tests' `host` fixture, a real ComfyUI).
-    ComfyUI is found as headless/comfy_host.py does: `comfyui`, then $COMFYUI_PATH, then the repo's
-    .comfyui/ComfyUI. `cpu` None: CPU only where CUDA is unavailable."""
-    if "comfy.model_management" in sys.modules:
-        return
+    """Import the few ComfyUI modules the teacher needs, without nodes or the server (headless.comfy_host's
+    import_comfy: `comfyui`, then $COMFYUI_PATH, then the repo's .comfyui/ComfyUI). No-op where ComfyUI is
+    already imported. `cpu` None: CPU only where CUDA is unavailable."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from headless.comfy_host import find_comfyui
-    path = find_comfyui(comfyui)
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    comfy.cli_args.args.cpu = bool(cpu)
-    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    from headless.comfy_host import import_comfy
+    import_comfy(comfyui, cpu)
 
 
 def pixel_latent_format():
-    """The LatentFormat class of the teacher: RGB pixels in [-1, 1], 3 channels, scale 1 (the same
-    class the demo's built-in teacher uses, from comfy_rapm.host)."""
-    comfy_init()
-    from comfy_rapm import host
-    return host.pixel_latent_format()
+    """The LatentFormat class of a pixel-space teacher: RGB pixels in [-1, 1], 3 channels, scale 1 (the
+    demo's built-in teacher's)."""
+    return latent_format(1)
+
+
+_PATCH_FORMATS: dict = {}
+
+
+def latent_format(patch: int = 1):
+    """The LatentFormat class for a space-to-depth factor p: 3p² channels (pixel_unshuffle order: colour c, then
+    row and column inside the patch), scale 1, `spacial_downscale_ratio` p, identity process_in/out, previews
+    averaging each colour's p² channels; p = 1 is plain RGB pixels."""
+    patch = int(patch)
+    if patch not in _PATCH_FORMATS:
+        comfy_init()
+        from comfy_rapm import host
+        k = patch * patch
+        rgb = [[1.0 / k if c // k == j else 0.0 for j in range(3)] for c in range(3 * k)]
+        _PATCH_FORMATS[patch] = host.latent_format(3 * k, patch, rgb)
+    return _PATCH_FORMATS[patch]
 
 
 def full_config(config: dict | None = None) -> dict:
@@ -103,7 +113,16 @@ def full_config(config: dict | None = None) -> dict:
         raise ValueError("only prediction='eps' is implemented")
     if cfg["model_channels"] % 32:
         raise ValueError(f"model_channels must be a multiple of 32 (GroupNorm(32)), got {cfg['model_channels']}")
+    if int(cfg["patch"]) < 1 or cfg["image_size"] % int(cfg["patch"]):
+        raise ValueError(f"patch {cfg['patch']} must be ≥ 1 and divide image_size {cfg['image_size']}")
     return cfg
+
+
+def latent_shape(config: dict | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the model's latent: (channels·patch², image_size/patch, image_size/patch)."""
+    cfg = full_config(config)
+    p = int(cfg["patch"])
+    return (cfg["channels"] * p * p, cfg["image_size"] // p, cfg["image_size"] // p)
 
 
 def unet_config(config: dict | None = None) -> dict:
@@ -114,8 +133,8 @@ def unet_config(config: dict | None = None) -> dict:
     nrb = int(cfg["num_res_blocks"])
     depth = [int(cfg["transformer_depth"]) if i in cfg["attention_levels"] else 0 for i in range(levels)]
     return {
-        "use_checkpoint": False, "image_size": cfg["image_size"], "use_spatial_transformer": True,
-        "legacy": False, "in_channels": cfg["channels"], "out_channels": cfg["channels"],
+        "use_checkpoint": False, "image_size": latent_shape(cfg)[1], "use_spatial_transformer": True,
+        "legacy": False, "in_channels": latent_shape(cfg)[0], "out_channels": latent_shape(cfg)[0],
         "model_channels": cfg["model_channels"], "num_res_blocks": [nrb] * levels,
         "channel_mult": list(cfg["channel_mult"]),
         "transformer_depth": [d for d in depth for _ in range(nrb)],
@@ -169,7 +188,7 @@ def build_teacher(config: dict | None = None, dtype: torch.dtype = torch.float32
     # SD15's unet_extra_config sets num_heads=8; ours uses a fixed head width.
     mc.unet_config["num_heads"] = -1
     mc.unet_config["num_head_channels"] = int(cfg["num_head_channels"])
-    mc.latent_format = pixel_latent_format()()
+    mc.latent_format = latent_format(cfg["patch"])()
     mc.set_inference_dtype(dtype, None)
     with torch.inference_mode(False):
         model = comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.EPS, device="cpu")
@@ -260,7 +279,9 @@ def save_teacher(model, out: str | os.PathLike, state_dict: dict | None = None,
             "dtype": str(dtype).replace("torch.", "")}
     path = out / WEIGHTS_NAME
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    # One metadata key: safetensors writes several in a random order, and the file's checksum must depend on the
+    # weights alone (read_teacher_config reads both layouts).
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
            "dtype": meta["dtype"], "parameters": int(sum(t.numel() for t in tensors.values())),
@@ -284,6 +305,8 @@ def read_teacher_config(path: str | os.PathLike) -> dict:
         from safetensors import safe_open
         with safe_open(str(folder / WEIGHTS_NAME if path.is_dir() else path), "pt") as f:
             meta = f.metadata() or {}
+        if METADATA_KEY in meta:
+            meta = json.loads(meta[METADATA_KEY])
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file and no {CONFIG_NAME} beside it")
         doc = {"format": FORMAT, "format_version": int(meta["format_version"]), "weights": WEIGHTS_NAME,
@@ -315,21 +338,40 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lo
 
 # --------------------------------------------------------------------------- images
 
-def to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1.0
+def to_model_space(images_uint8: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 latents: pixels in [-1, 1], space-to-depth by `patch`."""
+    x = images_uint8.float() / 127.5 - 1.0
+    return torch.nn.functional.pixel_unshuffle(x, int(patch)) if int(patch) > 1 else x
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-space samples (float, [-1, 1]) -> uint8 (B, 3, H, W) on the CPU: clamp((x+1)/2)."""
-    return ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_uint8(x: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """Model-space samples (float, [-1, 1] nominal) -> uint8 images (B, 3, H·patch, W·patch) on the CPU:
+    depth-to-space by `patch`, then clamp((x+1)/2)."""
+    x = x.detach().float().cpu()
+    if int(patch) > 1:
+        x = torch.nn.functional.pixel_shuffle(x, int(patch))
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def patch_of(model) -> int:
+    """The space-to-depth factor of a teacher ModelPatcher / BaseModel (1 for pixel-space models)."""
+    cfg = getattr(getattr(model, "model", model), "teacher_config", None) or {}
+    return int(cfg.get("patch", 1))
+
+
+def images(model, x: torch.Tensor) -> torch.Tensor:
+    """uint8 images of a teacher's model-space samples (`to_uint8` with the model's patch)."""
+    return to_uint8(x, patch_of(model))
 
 
 def describe(config: dict | None = None) -> str:
     cfg = full_config(config)
-    res = [cfg["image_size"] // 2 ** i for i in range(len(cfg["channel_mult"]))]
+    c, h, _ = latent_shape(cfg)
+    res = [h // 2 ** i for i in range(len(cfg["channel_mult"]))]
     attn = ", ".join(f"{res[i]}²" for i in cfg["attention_levels"])
-    return (f"UNet {cfg['model_channels']} ch × {cfg['channel_mult']}, {cfg['num_res_blocks']} res blocks/level, "
+    space = (f"{cfg['image_size']}² pixels" if cfg["patch"] == 1 else
+             f"{cfg['image_size']}² pixels as {c}×{h}² latents ({cfg['patch']}×{cfg['patch']} space-to-depth)")
+    return (f"{space}; UNet {cfg['model_channels']} ch × {cfg['channel_mult']}, {cfg['num_res_blocks']} res blocks/level, "
             f"cross-attention (context {cfg['context_dim']}, {cfg['context_tokens']} tokens) at {attn} + middle, "
             f"head width {cfg['num_head_channels']}")
 
@@ -361,39 +403,65 @@ def _rows(conditioning: list, start: int, stop: int, total: int) -> list:
     return out
 
 
-def sample(model_patcher, conditioning: list, negative: list, noise: torch.Tensor, sigmas: torch.Tensor,
-           cfg: float, sampler_name: str = "euler", seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
-    """Sample THROUGH ComfyUI: `comfy.sample.sample_custom` with `comfy.samplers.sampler_object`
-    on the given sigmas, from pure noise (a zero latent), exactly as a SamplerCustom node does.
-
-    `noise`: standard normal (B, 3, H, W); ComfyUI scales it by sqrt(1+σ0²) when sigmas[0] is the
-    schedule's σ_max (trailing grids start at t=999). `conditioning` has batch B (row i for sample
-    i) or 1; `negative` batch 1 (or B). Euler on an EPS model is DDIM, so a trailing grid ending at
-    σ(index 0) gives the DDIM result at ᾱ[0]. cfg 1 skips the negative (ComfyUI's own shortcut).
-    Returns model-space samples (float32, CPU, [-1, 1] nominal); `to_uint8` makes images.
-    `batch_size` splits the work into chunks (conditioning rows follow their noise)."""
-    comfy_init()
-    import comfy.sample
-    import comfy.samplers
-
-    total = noise.shape[0]
+def _check_batches(conditioning: list, negative: list, total: int) -> None:
     for name, cond in (("conditioning", conditioning), ("negative", negative)):
         for tensor, _ in cond:
             if tensor.shape[0] not in (1, total):
                 raise ValueError(f"{name} has batch {tensor.shape[0]}, noise has {total}: give one row per sample or one row")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+
+
+def _chunked(run, conditioning: list, negative: list, noise: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """run(noise chunk, positive rows, negative rows) per chunk of `batch_size`, under inference mode."""
+    total = noise.shape[0]
+    _check_batches(conditioning, negative, total)
     step = int(batch_size or total)
     outs = []
     with torch.inference_mode():
         for start in range(0, total, step):
             stop = min(total, start + step)
-            n = noise[start:stop].float().cpu()
-            out = comfy.sample.sample_custom(
-                model_patcher, n, float(cfg), comfy.samplers.sampler_object(sampler_name), sigmas,
-                _rows(conditioning, start, stop, total), _rows(negative, start, stop, total),
-                torch.zeros_like(n), disable_pbar=True, seed=int(seed))
+            out = run(noise[start:stop].float().cpu(), _rows(conditioning, start, stop, total),
+                      _rows(negative, start, stop, total))
             outs.append(out.float().cpu())
     return torch.cat(outs).clone()
+
+
+def sample(model_patcher, conditioning: list, negative: list, noise: torch.Tensor, sigmas: torch.Tensor,
+           cfg: float, sampler_name: str = "euler", seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """Sample THROUGH ComfyUI: `comfy.sample.sample_custom` with `comfy.samplers.sampler_object`
+    on the given sigmas, from pure noise (a zero latent), exactly as a SamplerCustom node does.
+
+    `noise`: standard normal (B, C, H, W) latents; ComfyUI scales it by sqrt(1+σ0²) when sigmas[0] is the
+    schedule's σ_max (trailing grids start at t=999). `conditioning` has batch B (row i for sample
+    i) or 1; `negative` batch 1 (or B). Euler on an EPS model is DDIM, so a trailing grid ending at
+    σ(index 0) gives the DDIM result at ᾱ[0]. cfg 1 skips the negative (ComfyUI's own shortcut).
+    Returns model-space samples (float32, CPU, [-1, 1] nominal); `images` makes images.
+    `batch_size` splits the work into chunks (conditioning rows follow their noise)."""
+    comfy_init()
+    import comfy.sample
+    import comfy.samplers
+
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+
+    def run(n, positive, neg):
+        return comfy.sample.sample_custom(model_patcher, n, float(cfg), comfy.samplers.sampler_object(sampler_name),
+                                          sigmas, positive, neg, torch.zeros_like(n), disable_pbar=True, seed=int(seed))
+    return _chunked(run, conditioning, negative, noise, batch_size)
+
+
+def ksampler(model_patcher, conditioning: list, negative: list, noise: torch.Tensor, steps: int, cfg: float,
+             sampler_name: str, scheduler: str, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """What ComfyUI's stock KSampler node runs (`nodes.common_ksampler` → `comfy.sample.sample`, which builds
+    `comfy.samplers.KSampler(sampler_name, scheduler, steps)`), at denoise 1 from an empty latent, with the
+    given standard-normal `noise` instead of the node's seeded draw (the same noise as every other row).
+    Returns model-space samples like `sample`."""
+    comfy_init()
+    import comfy.sample
+
+    def run(n, positive, neg):
+        latent = comfy.sample.fix_empty_latent_channels(model_patcher, torch.zeros_like(n))
+        return comfy.sample.sample(model_patcher, n, int(steps), float(cfg), sampler_name, scheduler, positive, neg,
+                                   latent, denoise=1.0, disable_pbar=True, seed=int(seed))
+    return _chunked(run, conditioning, negative, noise, batch_size)
 
 
 if __name__ == "__main__":  # python bench/quality/teacher.py: the architecture and its size

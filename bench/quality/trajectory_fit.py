@@ -76,7 +76,7 @@ def fit(model, positive, negative, positions, timesteps, cfg) -> dict:
     sigma_end = schedule.sigma_at(ms, timesteps[-1:])
 
     def image(z):
-        return T.to_uint8(schedule.from_vp(z, sigma_end, ms))
+        return T.images(model, schedule.from_vp(z, sigma_end, ms))
     def rmse(a, b):  # VP positions in [-1, 1] → pixel units in [0, 1]
         return E.paired_distance(a / 2, b / 2)["rmse"]
     return {"chain_rmse": [rmse(chain[:, k], target[:, k]) for k in range(target.shape[1])],

