@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from .comfy_rapm import host, lora_file, presets, progress, sampler, session, storage, trainer, trajectories as traj
+from .comfy_rapm import checkpoints, host, lora_file, presets, progress, sampler, session, shared_store, storage, trainer
+from .comfy_rapm import trajectories as traj
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -141,7 +142,7 @@ class RAPMTeacherTrajectory:
             prompts=_read_prompts(node, prompts, prompts_file), negative_prompt=negative_prompt, width=width,
             height=height, count=count, steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed,
             batch_size=batch_size or traj.default_batch_size(latent_shape), model=host.model_info(model, latent_shape))
-        store = _checked(node, "name", lambda n: traj.Store.open(os.path.join(trajectory_root(), n), spec), name)
+        store = _checked(node, "name", lambda n: shared_store.open_store(os.path.join(trajectory_root(), n), spec), name)
         bar = host.Progress(count, unique_id)
         clock = progress.Clock(count, store.stored_count(), "traj")
         bar.text(clock.text(store.stored_count(), "starting"))  # replaces the previous run's line at once
@@ -252,37 +253,29 @@ class RAPMTrain:
         _checked(node, "absolute_weight", config.weights, trajectories.steps)
         _checked(node, "precision", lambda p: host.training_dtype(model, p), precision)
         folder = os.path.join(host.output_directory(), RUN_FOLDER, name)
-        run = trainer.Run(folder, trainer.run_identity(config, trajectories.fingerprint(), info["fingerprint"],
+        run = checkpoints.Run(folder, checkpoints.run_identity(config, trajectories.fingerprint(), info["fingerprint"],
                                                        preset.discriminator_kernel))
         _checked(node, "name", lambda _: run.open(), name)
         sess = session.Session(model, trajectories, config)
         bar = host.Progress(iterations, unique_id)
-        bar.text(f"{run.saved_iteration()}/{iterations} it · loading the model and trajectories")
-        done = {"iteration": 0}
+        line = progress.TrainingLine(iterations, bar.text, PROGRESS_TEXT_SECONDS, sess.student_graphs_off_reason)
+        line.loading(run.saved_iteration())
 
         def fit(tr):
             run.restore(tr)
-            done["iteration"] = tr.iteration
-            clock, text_due, losses = progress.Clock(iterations, tr.iteration, "it"), progress.Throttle(PROGRESS_TEXT_SECONDS), {}
             bar.update_absolute(tr.iteration)
-            bar.text(clock.text(tr.iteration, "resumed" if tr.iteration else "started"))
+            line.started(tr.iteration)
 
-            def on_iteration(k, result):
-                done["iteration"] = k
-                losses.update(result)
+            def on_iteration(k, losses):
                 bar.update_absolute(k)
-                if text_due.due() or k == iterations:
-                    line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(losses.items())))
-                    bar.text(line + (f"\n{sess.student_graphs_off_reason}" if sess.student_graphs_off_reason else ""))
-
-            trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types(), check_interrupt=host.check_interrupt)
+                line.iteration(k, losses)
+            checkpoints.train(tr, run, on_iteration, interrupted=host.interrupted_types(), check_interrupt=host.check_interrupt)
             return tr
 
         try:
             tr = sess.run(fit)
         except host.interrupted_types():
-            bar.text(f"Cancelled at {done['iteration']}/{iterations} it: checkpoint saved in {folder}. "
-                     f"Queue again with the same name ({name}) and settings to resume.")
+            line.cancelled(run.saved_iteration(), folder, name)  # the checkpoint Cancel wrote
             raise
         except trainer.NonFiniteLoss as e:
             raise RuntimeError(f"{node}: {e}. Training stopped and the last good checkpoint in {folder} is kept. "

@@ -41,7 +41,7 @@ def worker(args) -> int:
     from bench import perf
     perf.import_host(args.comfyui)
     import torch
-    from comfy_rapm import distributed, host, schedule, session, trajectories
+    from comfy_rapm import distributed, host, schedule, session, shared_store, trajectories
     kind = args.model
     patcher, dtype, params = perf.build_model(kind)
     latent = perf.RESOLUTION[kind] // 8
@@ -67,7 +67,7 @@ def worker(args) -> int:
             group.barrier("waiting for every rank to build and warm up its model")
         perf.sync()
         started = time.perf_counter()
-        store = trajectories.Store.open(args.folder, spec)
+        store = shared_store.open_store(args.folder, spec)
         computed = sum(s.count for s in store.pending())
         trajectories.generate(store, run_batch)
         perf.sync()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 
 def format_duration(seconds: float) -> str:
@@ -58,3 +59,30 @@ class Throttle:
             self.last = now
             return True
         return False
+
+
+class TrainingLine:
+    """A training node's text line: where the run stands, its rate, ETA and losses (resent at most every
+    `seconds`, and after the last iteration), and after Cancel where the checkpoint is. `show` puts a line on the
+    node; `note` is added under every progress line (a reason the run is slower than it could be)."""
+
+    def __init__(self, total: int, show: Callable[[str], None], seconds: float = 1.0, note: str | None = None):
+        self.total, self.show, self.note = total, show, note
+        self.throttle, self.clock, self.losses = Throttle(seconds), None, {}
+
+    def loading(self, saved: int) -> None:
+        self.show(f"{saved}/{self.total} it · loading the model and trajectories")
+
+    def started(self, done: int) -> None:
+        self.clock = Clock(self.total, done, "it")
+        self.show(self.clock.text(done, "resumed" if done else "started"))
+
+    def iteration(self, done: int, losses: dict) -> None:
+        self.losses.update(losses)
+        if self.throttle.due() or done == self.total:
+            line = self.clock.text(done, " · ".join(f"{key} {v:.4g}" for key, v in sorted(self.losses.items())))
+            self.show(line + (f"\n{self.note}" if self.note else ""))
+
+    def cancelled(self, saved: int, folder, name: str) -> None:
+        self.show(f"Cancelled at {saved}/{self.total} it: checkpoint saved in {folder}. "
+                  f"Queue again with the same name ({name}) and settings to resume.")

@@ -8,12 +8,12 @@ import torch
 from . import schedule, solver
 
 
-def coarse_sigmas(model_sampling, steps: int) -> torch.Tensor:
+def coarse_sigmas(model_sampling: schedule.ModelSampling, steps: int) -> torch.Tensor:
     """σ(t_N), …, σ(t_1), σ(index 0)."""
     return schedule.sigma_at(model_sampling, schedule.trailing_timesteps(steps, schedule.num_timesteps(model_sampling)))
 
 
-def sample(denoise: solver.Denoiser, model_sampling, noise: torch.Tensor, steps: int,
+def sample(denoise: solver.Denoiser, model_sampling: schedule.ModelSampling, noise: torch.Tensor, steps: int,
            latent: torch.Tensor | None = None, callback: Callable[[int], None] | None = None) -> torch.Tensor:
     """Trailing DDIM on the coarse grid; returns the model-space latent at σ(index 0), exactly what
     ComfyUI's `euler` sampler returns on the same sigmas. `latent` (model space) is added under the

@@ -1,6 +1,6 @@
 """The shared UNet rewired for a training session, in one place and for the session's length only.
 
-Teacher, student and discriminator backbone are one UNet in memory (DESIGN.md §2). For a session it gets:
+Teacher, student and discriminator backbone are one UNet in memory. For a training session it gets:
   - its weights as frozen ordinary tensors in the training dtype (the loader's are inference tensors, which
     autograd cannot save; the originals wait on the CPU and come back exactly) — `training_weights`;
   - the student's LoRA as forward hooks on its target layers, adding only while the LoRA is on — `lora_attached`;

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from comfy_rapm.progress import Clock, format_duration
 from headless import comfy_host
 from headless.convert import combo_options, is_combo, spec_entries
-from headless.workflow import node_title
+from headless.workflow import ancestors, node_title
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -122,33 +122,18 @@ class HeadlessServer:
 
 # --- what the run reports ----------------------------------------------------------------------
 
+def node_ref(api: dict, node_id, node_classes, display_names, prefix: str = "node ", quote: str = "'") -> str:
+    """How messages name a node: "node 3 'RAPM Train'" (or "#3 RAPM Train" for the progress lines), with its
+    class when the title is not the class name."""
+    node = api.get(str(node_id))
+    if node is None:
+        return f"{prefix}{node_id}"
+    title = node_title(api, str(node_id), node_classes, display_names)
+    return f"{prefix}{node_id} {quote}{title}{quote}" + ("" if title == node["class_type"] else f" ({node['class_type']})")
+
+
 def label(api: dict, node_id, node_classes, display_names) -> str:
-    node = api.get(str(node_id))
-    if node is None:
-        return f"#{node_id}"
-    title = node_title(api, str(node_id), node_classes, display_names)
-    return f"#{node_id} {title}" + ("" if title == node["class_type"] else f" ({node['class_type']})")
-
-
-def node_ref(api: dict, node_id, node_classes, display_names) -> str:
-    node = api.get(str(node_id))
-    if node is None:
-        return f"node {node_id}"
-    title = node_title(api, str(node_id), node_classes, display_names)
-    return f"node {node_id} '{title}'" + ("" if title == node["class_type"] else f" ({node['class_type']})")
-
-
-def _reachable(api: dict, outputs) -> int:
-    seen, stack = set(), [str(o) for o in outputs]
-    while stack:
-        nid = stack.pop()
-        if nid in seen or nid not in api:
-            continue
-        seen.add(nid)
-        for v in api[nid]["inputs"].values():
-            if isinstance(v, list) and len(v) == 2:
-                stack.append(str(v[0]))
-    return len(seen)
+    return node_ref(api, node_id, node_classes, display_names, prefix="#", quote="")
 
 
 def _ui_output_files(output: dict) -> list[str]:
@@ -349,7 +334,7 @@ def validate_and_run(api: dict, ui_workflow: dict | None, classes: dict, display
 
         watched = [folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
         before = _snapshot(watched)
-        state.to_run = _reachable(api, good_outputs)
+        state.to_run = len(ancestors(api, good_outputs))
         extra_data = {"client_id": "headless"}
         if ui_workflow is not None:
             extra_data["extra_pnginfo"] = {"workflow": ui_workflow}  # saved images embed it, as in the UI

@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+from headless.workflow import ancestors
+
 TRAJECTORY_NODE = "RAPMTeacherTrajectory"
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -144,7 +146,7 @@ def outputs_for_rank(api: dict, outputs: list, launch: Launch | None = None) -> 
     launch = _launch if launch is None else launch
     if launch is None:
         return outputs
-    reachable = _ancestors(api, outputs)
+    reachable = ancestors(api, outputs)
     trajectory_nodes = sorted((nid for nid in reachable if api[nid]["class_type"] == TRAJECTORY_NODE),
                               key=lambda n: (len(n), n))
     if len(trajectory_nodes) > 1:
@@ -157,17 +159,3 @@ def outputs_for_rank(api: dict, outputs: list, launch: Launch | None = None) -> 
     if launch.rank == 0:
         return outputs
     return trajectory_nodes
-
-
-def _ancestors(api: dict, outputs) -> set[str]:
-    seen, stack = set(), [str(o) for o in outputs]
-    while stack:
-        nid = stack.pop()
-        if nid in seen or nid not in api:
-            continue
-        seen.add(nid)
-        for value in api[nid]["inputs"].values():
-            if isinstance(value, list) and len(value) == 2:
-                stack.append(str(value[0]))
-    return seen
-

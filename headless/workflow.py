@@ -139,3 +139,17 @@ def check_node_types(api: dict, node_classes: dict) -> None:
             hint = f" (close: {', '.join(close)})" if close else " (is its custom node pack installed?)"
             raise WorkflowError(f"node {nid} has class_type '{node['class_type']}', which this ComfyUI does not "
                                 f"have{hint}")
+
+
+def ancestors(api: dict, outputs) -> set[str]:
+    """The ids of `outputs` and every node they take an input from, directly or not."""
+    seen, stack = set(), [str(o) for o in outputs]
+    while stack:
+        nid = stack.pop()
+        if nid in seen or nid not in api:
+            continue
+        seen.add(nid)
+        for value in api[nid]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2:
+                stack.append(str(value[0]))
+    return seen

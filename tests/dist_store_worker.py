@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from comfy_rapm import trajectories  # noqa: E402
+from comfy_rapm import shared_store, trajectories  # noqa: E402
 
 COUNT, BATCH = 7, 2  # 4 shards, the last one short
 
@@ -57,7 +57,7 @@ def main() -> int:
 
     result = {"rank": rank, "ok": True, "error": ""}
     try:
-        store = trajectories.Store.open(folder, spec(cfg=2.5 if scenario == "other-cfg" else 2.0))
+        store = shared_store.open_store(folder, spec(cfg=2.5 if scenario == "other-cfg" else 2.0))
         result["share"] = [s.index for s in store.pending()]
         trajectories.generate(store, batch)
         result["complete"] = store.trajectory_set().manifest["complete"]

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import dist_store_worker as worker  # noqa: E402
-from comfy_rapm import storage, trajectories  # noqa: E402
+from comfy_rapm import journals, storage, trajectories  # noqa: E402
 
 
 def _free_port() -> int:
@@ -114,21 +114,21 @@ def test_journals_are_trusted_only_where_the_file_has_the_recorded_checksum(tmp_
     for entry in entries:
         (folder / entry["file"]).write_bytes((reference_folder / entry["file"]).read_bytes())
     (folder / "shard-00001.safetensors").write_bytes(b"changed" + (folder / "shard-00001.safetensors").read_bytes()[7:])
-    journals = folder / "journals"
-    journals.mkdir()
-    digest = trajectories.inputs_digest(worker.spec())
-    journal = {"format": trajectories.JOURNAL_FORMAT, "version": 1, "inputs": digest, "run": "x", "rank": 1,
+    journal_folder = folder / "journals"
+    journal_folder.mkdir()
+    digest = journals.inputs_digest(worker.spec())
+    journal = {"format": journals.JOURNAL_FORMAT, "version": 1, "inputs": digest, "run": "x", "rank": 1,
                "world_size": 2, "shards": entries[:3] + [dict(entries[0], file="../escape.safetensors"),
                                                           dict(entries[3], start=0)]}
-    storage.write_json(journals / "x-rank00001.json", journal)
-    storage.write_json(journals / "y-rank00000.json", dict(journal, inputs="0" * 64, shards=entries))  # another spec
+    storage.write_json(journal_folder / "x-rank00001.json", journal)
+    storage.write_json(journal_folder / "y-rank00000.json", dict(journal, inputs="0" * 64, shards=entries))  # another spec
     (folder / ".shard-00003.safetensors.abc.tmp").write_bytes(b"partial")
 
     store = trajectories.Store.open(folder, worker.spec())
     # shard 0 and 2: journaled and intact; 1 changed since; 3 exists but no trustworthy record names it
     assert [s["file"] for s in store.manifest["shards"]] == ["shard-00000.safetensors", "shard-00002.safetensors"]
     assert [s.index for s in store.pending()] == [1, 3]
-    assert not journals.exists()  # folded into the manifest, then removed
+    assert not journal_folder.exists()  # folded into the manifest, then removed
     trajectories.generate(store, worker.run_batch)
     files = _files(folder)
     files.pop(".shard-00003.safetensors.abc.tmp")  # (only a multi-process open removes these)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from comfy_server import running_server
-from comfy_rapm import trainer
+from comfy_rapm import checkpoints
 from headless import frontend
 
 pytestmark = pytest.mark.frontend
@@ -45,44 +45,58 @@ def ui(tmp_path_factory):
         try:
             with frontend.open_page(url, base / "profile") as page:
                 frontend.load_workflow(page, json.loads(DEMO.read_text()))
+                page.evaluate(RECORD_TEXTS)
                 yield page, base
         except frontend.FrontendUnavailable as e:
             pytest.fail(str(e))
 
 
-def _texts_until(page, node_id, done, timeout=240.0, previous=None):
-    """Every distinct text the node shows from now until done(text); fails naming the last one after `timeout`.
-    `previous` is what the node showed before the run, left out unless the node shows it again later."""
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = page.evaluate(NODE_TEXT, node_id)
-        if text and (not seen or seen[-1] != text) and not (not seen and text == previous):
-            seen.append(text)
-        if text and done(text):
+RECORD_TEXTS = """() => {
+    window.__rapmTexts = [];
+    app.api.addEventListener('progress_text', e => window.__rapmTexts.push([String(e.detail.nodeId), e.detail.text]));
+}"""
+
+
+def _queue(page) -> int:
+    """Queue the graph as the page's Run button does; returns where this run's node texts start."""
+    start = page.evaluate("() => window.__rapmTexts.length")
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    return start
+
+
+def _texts_until(page, node_id, done, start, timeout=240.0):
+    """The texts the page received for the node since `start`, in order, until done(text) — then the node must show
+    the last of them. Fails naming what it saw after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [t for n, t in page.evaluate("(start) => window.__rapmTexts.slice(start)", start) if n == str(node_id)]
+        if seen and done(seen[-1]):
+            page.wait_for_timeout(100)  # let the node's widget take it
+            assert page.evaluate(NODE_TEXT, node_id) == seen[-1], "the node does not show the text it was sent"
             return seen
+        if time.monotonic() > deadline:
+            pytest.fail(f"node {node_id} got {seen[-3:] or 'nothing'} in {timeout:.0f} s")
         time.sleep(0.25)
-    pytest.fail(f"node {node_id} still shows {seen[-1:] or 'nothing'} after {timeout:.0f} s (saw {seen})")
 
 
 def test_a_run_from_the_page_shows_fresh_progress_and_the_saved_file(ui):
     page, base = ui
     page.evaluate(SET_WIDGETS, SMALL)
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    train = _texts_until(page, TRAIN, lambda t: t.startswith("6/6 it ·") and "loss" in t)
-    assert train[0].startswith("0/6 it ·") and ("loading" in train[0] or "started" in train[0]), train
+    start = _queue(page)
+    train = _texts_until(page, TRAIN, lambda t: t.startswith("6/6 it ·") and "loss" in t, start)
+    assert train[0].startswith("0/6 it ·") and "loading" in train[0], train
     assert len([t for t in train if re.match(r"[1-5]/6 it · ", t)]) >= 3, train  # updated while it trained
-    save = _texts_until(page, SAVE, lambda t: t.startswith("saved "))
+    save = _texts_until(page, SAVE, lambda t: t.startswith("saved "), start)
     assert save[-1] == "saved models/loras/rapm/demo.safetensors"
     assert sorted(p.name for p in (base / "loras" / "rapm").iterdir()) == ["demo.safetensors"]
 
     # Queued again with a setting outside the run's identity: RAPM Train runs (and resumes its finished run), its
     # line starts over instead of keeping the last run's, and LoRA Save keeps the file it wrote for this LoRA.
-    last = page.evaluate(NODE_TEXT, TRAIN)
     page.evaluate(SET_WIDGETS, [["RAPMTrain", "checkpoint_every", 3]])
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    again = _texts_until(page, TRAIN, lambda t: "resumed" in t, previous=last)
+    start = _queue(page)
+    again = _texts_until(page, TRAIN, lambda t: "resumed" in t, start)
     assert again[0].startswith("6/6 it · loading"), again
-    kept = _texts_until(page, SAVE, lambda t: t.startswith("unchanged"))
+    kept = _texts_until(page, SAVE, lambda t: t.startswith("unchanged"), start)
     assert kept[-1] == "unchanged, kept models/loras/rapm/demo.safetensors"
     assert sorted(p.name for p in (base / "loras" / "rapm").iterdir()) == ["demo.safetensors"]
 
@@ -90,14 +104,14 @@ def test_a_run_from_the_page_shows_fresh_progress_and_the_saved_file(ui):
 def test_cancel_on_the_page_leaves_a_checkpoint_and_says_how_to_resume(ui, tmp_path):
     page, base = ui
     page.evaluate(SET_WIDGETS, SMALL + [["RAPMTrain", "iterations", 500], ["RAPMTrain", "name", "ui_cancel"]])
-    page.evaluate("() => app.queuePrompt(0, 1)")
-    _texts_until(page, TRAIN, lambda t: re.match(r"[2-9]\d*/500 it · ", t) is not None)
+    start = _queue(page)
+    _texts_until(page, TRAIN, lambda t: re.match(r"[2-9]\d*/500 it · ", t) is not None, start)
     page.get_by_role("button", name="Cancel current run").click()
-    line = _texts_until(page, TRAIN, lambda t: t.startswith("Cancelled"), timeout=60)[-1]
+    line = _texts_until(page, TRAIN, lambda t: t.startswith("Cancelled"), start, timeout=60)[-1]
     match = re.fullmatch(r"Cancelled at (\d+)/500 it: checkpoint saved in (.+)\. Queue again with the same name "
                          r"\(ui_cancel\) and settings to resume\.", line)
     assert match, line
-    assert trainer.Run(match[2], {}).saved_iteration() == int(match[1]) >= 2
+    assert checkpoints.Run(match[2], {}).saved_iteration() == int(match[1]) >= 2
     frontend.fit_graph(page)
     shots = Path(os.environ.get("RAPM_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)

@@ -18,3 +18,19 @@ def test_throttle_is_due_first_then_after_its_interval():
     assert throttle.due() and not throttle.due()
     time.sleep(0.25)
     assert throttle.due() and not throttle.due()
+
+
+def test_a_training_line_refreshes_by_time_and_says_where_cancel_left_the_run():
+    shown = []
+    line = progress.TrainingLine(total=10, show=shown.append, seconds=60.0, note="graphs off: why")
+    line.loading(4)
+    line.started(4)
+    line.iteration(5, {"loss": 0.5})   # the first refresh is due at once
+    line.iteration(6, {"loss": 0.25})  # not yet due: nothing shown
+    line.iteration(10, {"loss": 0.125})  # the last iteration always is
+    line.cancelled(6, "/out/rapm_runs/x", "x")
+    assert shown[0] == "4/10 it · loading the model and trajectories" and shown[1] == "4/10 it · resumed"
+    assert len(shown) == 5 and shown[2].startswith("5/10 it · ") and shown[2].endswith("loss 0.5\ngraphs off: why")
+    assert shown[3].startswith("10/10 it · ") and "loss 0.125" in shown[3]
+    assert shown[4] == ("Cancelled at 6/10 it: checkpoint saved in /out/rapm_runs/x. Queue again with the same name (x) "
+                        "and settings to resume.")

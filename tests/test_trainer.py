@@ -7,7 +7,7 @@ import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import session, trainer
+from comfy_rapm import checkpoints, session, trainer
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_training_lowers_the_four_step_error_against_the_teacher_endpoints(host,
 
     def fit(tr):
         before = endpoint_error(tr)
-        trainer.train(tr, None)
+        checkpoints.train(tr, None)
         return before, endpoint_error(tr)
     before, after = sess.run(fit)
     assert after < 0.6 * before, (before, after)
@@ -241,8 +241,8 @@ def test_cancel_writes_a_checkpoint_and_resuming_is_bit_exact(host, teacher, tse
         assert {"rng", "iteration"} <= set(f.keys())
         assert any(k.startswith("opt.student.") for k in f.keys()) and any(k.startswith("opt.disc.") for k in f.keys())
         assert any(k.startswith("disc.relative.") for k in f.keys()) and any(k.startswith("disc.absolute.") for k in f.keys())
-    assert trainer.Run(folder, {}).saved_iteration() == 5
-    assert trainer.Run(os.path.join(folder, "missing"), {}).saved_iteration() == 0
+    assert checkpoints.Run(folder, {}).saved_iteration() == 5
+    assert checkpoints.Run(os.path.join(folder, "missing"), {}).saved_iteration() == 0
 
     _, resumed, loss_b = _node_train(host, teacher, tset, name, 8)
     assert resumed.keys() == uninterrupted.keys()
@@ -297,12 +297,12 @@ def test_out_of_memory_names_the_next_memory_setting_and_keeps_the_checkpoint(ho
     with pytest.raises(RuntimeError, match=f"RAPMTrain: out of GPU memory. Fix: {fix}.*resume"):
         _node_train(host, teacher, tset, name, 6, **settings)
     folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", name)
-    assert trainer.Run(folder, {}).saved_iteration() == 3
+    assert checkpoints.Run(folder, {}).saved_iteration() == 3
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(teacher, tset, tmp_path):
     sess = session.Session(teacher, tset, _config(iterations=10, checkpoint_every=3))
-    run = trainer.Run(tmp_path / "run", {"x": 1})
+    run = checkpoints.Run(tmp_path / "run", {"x": 1})
     run.open()
 
     def poison(k, result):
@@ -310,7 +310,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_chec
             with torch.no_grad():
                 sess.lora.layers[0].up.fill_(float("nan"))
     with pytest.raises(trainer.NonFiniteLoss, match="iteration 5"):
-        sess.run(lambda tr: trainer.train(tr, run, poison))
+        sess.run(lambda tr: checkpoints.train(tr, run, poison))
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
     assert int(saved["iteration"]) == 3
@@ -372,4 +372,4 @@ def test_the_nodes_text_line_starts_fresh_and_after_cancel_says_a_checkpoint_was
     assert texts[1][1].startswith("0/6 it") and "started" in texts[1][1]
     last = texts[-1][1]
     assert last.startswith("Cancelled at 3/6 it: checkpoint saved in ") and "same name (texts)" in last
-    assert trainer.Run(last.split("checkpoint saved in ")[1].split(". Queue")[0], {}).saved_iteration() == 3
+    assert checkpoints.Run(last.split("checkpoint saved in ")[1].split(". Queue")[0], {}).saved_iteration() == 3

@@ -200,14 +200,14 @@ def train_student(name: str, teacher_path: Path, trajectories_dir: Path, work: P
                   curve_every: int, prior_spi: float) -> dict:
     import folder_paths
     import pack
-    from comfy_rapm import storage, trainer, trajectories
+    from comfy_rapm import checkpoints, storage, trajectories
     folder = work / "students" / name
     folder.mkdir(parents=True, exist_ok=True)
     folder_paths.set_output_directory(str(work / "students"))  # the node's runs: students/rapm_runs/<name>/
     mp, _ = T.load_teacher(teacher_path)
     tset = trajectories.TrajectorySet(trajectories_dir)
     target = int(inputs["iterations"])
-    run = trainer.Run(work / "students" / "rapm_runs" / name, {})
+    run = checkpoints.Run(work / "students" / "rapm_runs" / name, {})
     done = run.saved_iteration()
     speed_file = folder / "speed.json"
     spi = storage.read_json(speed_file)["seconds_per_iteration"] if speed_file.exists() else prior_spi
@@ -239,12 +239,12 @@ def train_students(runs: dict, teacher_path: Path, sets: dict, work: Path, deadl
     """Each run in its own process, all at once (at batch size 1 a run alone leaves the GPU mostly idle, bound by its
     own launches). Runs already at their iterations are not started. Returns {name: result}; a failed worker is
     logged and left out."""
-    from comfy_rapm import trainer
+    from comfy_rapm import checkpoints
     procs, results = {}, {}
     for name, (steps, inputs) in runs.items():
         folder = work / "students" / name
         folder.mkdir(parents=True, exist_ok=True)
-        done = trainer.Run(work / "students" / "rapm_runs" / name, {}).saved_iteration()
+        done = checkpoints.Run(work / "students" / "rapm_runs" / name, {}).saved_iteration()
         if done >= int(inputs["iterations"]) and student_loras(work, name):
             clock.log(f"{name}: {done} iterations, finished")
             continue
