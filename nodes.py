@@ -150,7 +150,9 @@ class RAPMTeacherTrajectory:
 
         bar = host.Progress(count, unique_id)
         clock = progress.Clock(count, store.stored_count(), "traj")
-        bar.text(clock.text(store.stored_count(), "starting"))  # replaces the previous run's line at once
+        notice = session.convolution_notice()  # a slower, safe path taken (issue #17): said on every line
+        suffix = f"\n{notice}" if notice else ""
+        bar.text(clock.text(store.stored_count(), "starting") + suffix)  # replaces the previous run's line at once
         slots = spec.slots()
 
         def run_batch(batch_prompts, seeds):
@@ -161,7 +163,7 @@ class RAPMTeacherTrajectory:
 
         def batch_done(done, total):
             bar.update_absolute(done)
-            bar.text(clock.text(done))
+            bar.text(clock.text(done) + suffix)
 
         bar.update_absolute(store.stored_count())
         try:
@@ -300,6 +302,7 @@ class RAPMTrain:
         bar = host.Progress(iterations, unique_id)
 
         bar.text(f"{run.saved_iteration()}/{iterations} it · loading the model and trajectories")
+        notice = sess.safe_path_notice  # a slower, safe path taken (issue #17): said on every line
         shown = {"iteration": 0}
 
         def fit(tr):
@@ -317,8 +320,8 @@ class RAPMTrain:
                 bar.update_absolute(k)
                 if text_due.due() or k == iterations:
                     line = clock.text(k, " · ".join(f"{key} {v:.4g}" for key, v in sorted(losses.items())))
-                    if sess.student_graphs_off_reason:
-                        line += "\n" + sess.student_graphs_off_reason
+                    if notice:
+                        line += "\n" + notice
                     bar.text(line)
 
             trainer.train(tr, run, on_iteration, interrupted=host.interrupted_types(), check_interrupt=host.check_interrupt)

@@ -501,16 +501,12 @@ def training_dtype(model, precision: str) -> torch.dtype | None:
     return torch.float32
 
 
-@contextlib.contextmanager
 def autotuned_convolutions():
     """cuDNN picks the fastest convolution algorithms for the (fixed) shapes of a long run, as
-    ComfyUI's `--fast autotune` does, restored on exit."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = saved or torch.cuda.is_available()
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
+    ComfyUI's `--fast autotune` does, restored on exit; not under PyTorch's cudaMallocAsync allocator,
+    where each search stalls (comfy_rapm/convolutions.py)."""
+    from . import convolutions
+    return convolutions.autotuned()
 
 
 def interrupted_types() -> tuple[type, ...]:

@@ -27,6 +27,12 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
+def convolution_notice() -> str | None:
+    """What the Teacher Trajectories node adds to its progress line when convolutions run the safe path."""
+    from . import convolutions
+    return convolutions.notice()
+
+
 def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
                      on_step: Callable[[], None] | None = None) -> tuple[dict, dict]:
     """One shard of a trajectory set: the teacher's positions plus the conditioning exactly as the
@@ -110,6 +116,13 @@ class Session:
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,
                                           body, seed=config.seed)
+
+    @property
+    def safe_path_notice(self) -> str | None:
+        """What the node adds to its progress line while it runs a slower, safe path (None: full speed)."""
+        from . import convolutions
+        lines = [text for text in (convolutions.notice(), self.student_graphs_off_reason) if text]
+        return "\n".join(lines) or None
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:
         return lora_mod.LoRAWeights(self.lora.comfy_state_dict(torch.float16), metadata)
