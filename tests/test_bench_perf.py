@@ -55,3 +55,35 @@ def test_multi_gpu_trajectory_benchmark_runs_on_the_cpu(tmp_path):
     assert figures["runs"]["1"]["rank0_computed"] == 4 and figures["runs"]["2"]["rank0_computed"] == 2
     assert all(r["trajectories_per_min"] > 0 for r in figures["runs"].values()) and figures["scaling_over_1"]["2"] > 0
     assert figures["sets_byte_identical"] is True  # on the CPU the two runs' files are the same bytes
+
+
+def test_perf_runs_each_measurement_under_each_allocator_in_its_own_process(tmp_path):
+    """`--allocators native,cudaMallocAsync` (issue #17): one process per allocator and variant, the allocator set the
+    way ComfyUI's launcher sets it, merged with the ratio (on the CPU the variable changes nothing)."""
+    out = tmp_path / "perf.json"
+    assert perf.main(["--models", "tiny", "--allocators", "native,cudaMallocAsync", "--variants", "checkpointing",
+                      "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories", "--skip-equivalence",
+                      "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    native, other = report["allocators"]["native"], report["allocators"]["cudaMallocAsync"]
+    assert native["allocator"] == "native" and other["allocator"] == "backend:cudaMallocAsync"
+    assert native["processes"]["tiny/checkpointing"]["returncode"] == 0 and not native["processes"]["tiny/checkpointing"]["timed_out"]
+    row, = report["comparison"]
+    assert row["variant"] == "checkpointing" and row["ratio"] > 0
+    assert all(t > 0 for t in row["seconds_per_iteration"].values())
+
+
+def test_async_autotune_limits_each_case_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """bench/async_autotune.py: a case past its limit is killed with its process group and reported with its system
+    time; cases that do not fit the call's budget are skipped, not started (the probe itself needs a GPU; its product
+    part is perf.py --cudnn-autotune under an allocator, which the test above runs)."""
+    import sys
+    from bench import async_autotune
+    slow = async_autotune.run_limited([sys.executable, "-c", "import time; time.sleep(30)"], {}, 1.0, tmp_path / "slow.log")
+    assert slow["timed_out"] and slow["wall_s"] < 10 and slow["sys_s"] >= 0
+    out = tmp_path / "autotune.json"
+    assert async_autotune.main(["--parts", "probe,product", "--budget", "1", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {f"probe:{c}" for c in async_autotune.PROBE} | {f"product:{c}" for c in async_autotune.DEFAULT_PRODUCT.split(",")}
+    assert all(c["skipped"].startswith("budget") for c in cases.values())
+    assert "async_keep_cache" in async_autotune.table(cases)
