@@ -6,6 +6,7 @@ import os
 import torch
 
 from .comfy_rapm import host, lora_file, progress, sampler, schedule, session, storage, trainer, trajectories
+from .comfy_rapm import solver as solver_mod
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -107,6 +108,7 @@ class RAPMTeacherTrajectory:
             "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
         }, "optional": {
             "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),
+            "solver": (list(solver_mod.SOLVERS), {"default": "ddim", "tooltip": "The teacher's solver inside each slot, fine_steps steps of it: ddim (the paper's; ComfyUI's euler), or ComfyUI's dpmpp_2m / uni_pc, which reach the same end points in fewer steps (bench/NOTES.md, 'in-slot solvers')."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("RAPM_TRAJECTORIES",)
@@ -117,7 +119,7 @@ class RAPMTeacherTrajectory:
     DESCRIPTION = "Teacher trajectories: N+1 positions per noise, by M-step DDIM with CFG in each slot, stored safely and resumably."
 
     def generate(self, model, clip, prompts, negative_prompt, width, height, count, steps, fine_steps, cfg, seed,
-                 batch_size, name, prompts_file="", unique_id=None):
+                 batch_size, name, prompts_file="", solver="ddim", unique_id=None):
         node = "RAPMTeacherTrajectory"
         try:
             name = storage.check_name(name, "name")
@@ -132,7 +134,7 @@ class RAPMTeacherTrajectory:
         spec = trajectories.Spec(
             prompts=_read_prompts(node, prompts, prompts_file), negative_prompt=negative_prompt, width=width,
             height=height, count=count, steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed,
-            batch_size=batch_size, model=host.model_info(model, latent_shape))
+            batch_size=batch_size, model=host.model_info(model, latent_shape), solver=solver)
         try:
             store = trajectories.Store.open(os.path.join(trajectory_root(), name), spec)
         except ValueError as e:
@@ -159,7 +161,8 @@ class RAPMTeacherTrajectory:
             positive = host.stack_conditioning([encode(p) for p in batch_prompts], "prompts")
             negative = host.stack_conditioning([encode(negative_prompt)] * len(seeds), "negative_prompt")
             noise = torch.cat([host.prepare_noise(torch.zeros((1,) + latent_shape), s) for s in seeds])
-            return session.trajectory_shard(model, positive, negative, noise, slots, cfg, on_step=host.check_interrupt)
+            return session.trajectory_shard(model, positive, negative, noise, slots, cfg, on_step=host.check_interrupt,
+                                            solver=solver)
 
         def batch_done(done, total):
             bar.update_absolute(done)

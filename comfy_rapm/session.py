@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
-                      on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                      on_step: Callable[[], None] | None = None, solver: str = "ddim") -> torch.Tensor:
     """One batch of teacher trajectories (B, N+1, C, H, W) in VP space, on the CPU. `positive` and
-    `negative` are batched CONDITIONINGs whose row i belongs to noise[i]."""
+    `negative` are batched CONDITIONINGs whose row i belongs to noise[i]; `solver`: the in-slot solver."""
+    solve = host.slot_solver(solver)
+
     def body(denoiser):
         return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
-                                               noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
+                                               noise.to(denoiser.device), slots, on_step=on_step,
+                                               solve=solve).float().cpu()
     with host.autotuned_convolutions():
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
@@ -34,10 +37,10 @@ def convolution_notice() -> str | None:
 
 
 def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
-                     on_step: Callable[[], None] | None = None) -> tuple[dict, dict]:
+                     on_step: Callable[[], None] | None = None, solver: str = "ddim") -> tuple[dict, dict]:
     """One shard of a trajectory set: the teacher's positions plus the conditioning exactly as the
     teacher saw it, as (tensors, metadata) for trajectories.generate."""
-    positions = teacher_positions(model, positive, negative, noise, slots, cfg, on_step)
+    positions = teacher_positions(model, positive, negative, noise, slots, cfg, on_step, solver)
     pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
     neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
     return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
