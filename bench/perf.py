@@ -56,7 +56,8 @@ HYPER["tiny"] = HYPER["sd15"]
 # and low-memory mode take 2-3 s per iteration, so fewer there keeps the default run in one call.
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
-VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1"}
+VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
+                 "paired"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next one's no-grad work
 
 
 def import_host(comfyui: str | None):
@@ -205,7 +206,8 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
                            precision="auto", gradient_checkpointing="checkpointing" in parts,
                            cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
                            graded_graphs=False if "no_graded_graphs" in parts else None,
-                           discriminator_kernel=1 if "heads1x1" in parts else None)
+                           discriminator_kernel=1 if "heads1x1" in parts else None,
+                           paired_iterations="paired" in parts)
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):

@@ -54,9 +54,11 @@ def pcm_discriminator_kernel(sdxl: bool) -> int:
 class Session:
     def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config, precision: str = "auto",
                  gradient_checkpointing: bool = False, cuda_graphs: bool | None = None,
-                 graded_graphs: bool | None = None, discriminator_kernel: int | None = None):
+                 graded_graphs: bool | None = None, discriminator_kernel: int | None = None,
+                 paired_iterations: bool = False):
         """`discriminator_kernel`: the heads' conv size; None = PCM's (pcm_discriminator_kernel). A run's checkpoint
-        holds heads of one size."""
+        holds heads of one size. `paired_iterations`: trainer.Trainer(paired=…), an option for A/B runs."""
+        self.paired_iterations = paired_iterations
         self.model, self.set, self.config = model, trajectory_set, config
         self.gradient_checkpointing = gradient_checkpointing
         # Graphs keep one pass's activations per batch shape: off in low-memory mode. Passes with grad are
@@ -100,10 +102,15 @@ class Session:
                 lora.set_enabled(True)
                 discriminators = Discriminators([f.shape[1] for f in probe], kernel=self.discriminator_kernel,
                                                 seed=config.seed).to(device).set_compute_dtype(self.dtype)
+            def paired_conditioning(i, j):  # trajectory i's and j's conditioning as one batch of 2
+                return denoiser.prepare(host.stack_conditioning([data[i].positive, data[j].positive]),
+                                        host.stack_conditioning([data[i].negative, data[j].negative]),
+                                        (2,) + self.latent_shape)
             tr = trainer.Trainer(
-                config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
+                config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg,
+                                             paired_conditioning),
                 denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
-                features, device)
+                features, device, paired=self.paired_iterations)
             with host.lora_attached(self.student, lora), host.autotuned_convolutions(), \
                     host.graphed_unet(self.student, self.cuda_graphs, lambda: lora.enabled, tap, self.graded_graphs,
                                       lambda: lora if lora.enabled else None, self.student_graphs) as graphs, \

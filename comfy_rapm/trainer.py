@@ -112,12 +112,29 @@ class TrainingData:
     conditioning: Callable   # index → conditioning handle for ModelCall/FeatureCall
     timesteps: list          # [t_N, …, t_0]
     cfg: float               # the teacher's guidance when the trajectories were made
+    # (i, j) → one handle whose batch-2 conditioning is trajectory i's then j's, tiled over a batch as the host tiles
+    # conditioning (rows alternate i, j): only for paired iterations (Trainer(paired=True))
+    paired_conditioning: Callable | None = None
+
+
+@dataclass
+class _Pending:
+    """The next (student) iteration's draws and no-grad targets, computed with the discriminators' iteration."""
+    iteration: int
+    draws: "Draws"
+    targets: tuple
+    rng_before: torch.Tensor  # the draw generator's state before these draws: what a checkpoint records
 
 
 class Trainer:
     def __init__(self, config: Config, data: TrainingData, model_sampling, lora: LoRA,
                  discriminators: Discriminators | None, model: ModelCall, features: FeatureCall | None,
-                 device: torch.device):
+                 device: torch.device, paired: bool = False):
+        """`paired`: each discriminators' iteration also computes the next (student) iteration's no-grad work, in
+        one batch with its own (the student's chain at batch 2, the teacher and frozen-student steps at batch 2N):
+        the LoRA does not change between the two (only the discriminators step), so the values are those of
+        separate passes; the draws are the same (drawn in the same order). An option for A/B runs (perf.py
+        `paired`); off by default until measured."""
         if config.mode not in MODES:
             raise ValueError(f"mode {config.mode!r} is not one of {MODES}")
         self.config, self.data, self.ms, self.lora = config, data, model_sampling, lora
@@ -137,6 +154,8 @@ class Trainer:
         self.history = {"loss": [], "huber": [], "generator": [], "discriminator": []}
         self.student_opt = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                              weight_decay=config.weight_decay)
+        self.paired = paired and not config.low_memory and data.paired_conditioning is not None
+        self._pending: _Pending | None = None
         self.disc_opt = None
         if config.uses_gan:
             if discriminators is None or features is None:
@@ -174,6 +193,26 @@ class Trainer:
                 relative = self._step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
         return inputs, outputs, relative
 
+    def paired_targets(self, first: "Draws", second: "Draws") -> tuple[tuple, tuple]:
+        """targets() of two draws in one batched pass; rows alternate first, second (slot-major), which is how the
+        host tiles the batch-2 conditioning over the batch. Returns (first's targets, second's targets)."""
+        n = self.steps
+        pos = [self.data.positions[d.index].to(self.device, torch.float32) for d in (first, second)]
+        cond = self.data.paired_conditioning(first.index, second.index)
+        two = lambda s: s.repeat_interleave(2)  # noqa: E731  (per row: slot-major, the two draws alternating)
+        with torch.no_grad():
+            chain = [torch.cat([pos[0][0:1], pos[1][0:1]])]
+            for j in range(n):
+                chain.append(self._step(chain[-1], two(self.s_from[j:j + 1]), two(self.s_to[j:j + 1]), cond, 1.0, student=True))
+            inputs, outputs = torch.stack(chain[:-1]), torch.stack(chain[1:])  # (N, 2, C, H, W)
+            relative = None
+            if self.config.uses_relative:
+                starts = torch.stack([pos[0][:-1], pos[1][:-1]], dim=1).flatten(0, 1)
+                teacher_delta = self._step(starts, two(self.s_from), two(self.s_delta), cond, self.data.cfg, student=False)
+                relative = self._step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True)
+                relative = relative.unflatten(0, (n, 2))
+        return tuple(tuple(None if t is None else t[:, k] for t in (inputs, outputs, relative)) for k in (0, 1))
+
     def draw(self) -> "Draws":
         """The iteration's random choices: which trajectory, adv_t and re-noising noise per slot."""
         index = int(torch.randint(0, len(self.data.positions), (1,), generator=self.rng))
@@ -189,12 +228,21 @@ class Trainer:
         Raises NonFiniteLoss without stepping when a loss is NaN/inf."""
         cfg = self.config
         student_turn = self.iteration % 2 == 1
-        draws = self.draw()
+        pending = self._pending if self._pending is not None and self._pending.iteration == self.iteration else None
+        self._pending = pending
+        draws = pending.draws if pending else self.draw()
         if not student_turn and not cfg.uses_gan:
             self.iteration += 1
             return {}
-        result = self.backward(draws, student_turn)
+        targets = pending.targets if pending else None
+        if not student_turn and self.paired:
+            rng_before = self.rng.get_state()
+            following = self.draw()
+            targets, following_targets = self.paired_targets(draws, following)
+            self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before)
+        result = self.backward(draws, student_turn, targets)
         if student_turn:
+            self._pending = None
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
             self.student_opt.step()
@@ -210,12 +258,12 @@ class Trainer:
         self.iteration += 1
         return result
 
-    def backward(self, draws: "Draws", student_turn: bool) -> dict:
+    def backward(self, draws: "Draws", student_turn: bool, targets: tuple | None = None) -> dict:
         """The iteration's summed loss for the side whose turn it is, back-propagated into that
-        side's gradients (zeroed first); no optimizer step."""
+        side's gradients (zeroed first); no optimizer step. `targets`: targets() computed already."""
         positions = self.data.positions[draws.index].to(self.device, torch.float32)
         cond = self.data.conditioning(draws.index)
-        inputs, outputs, relative = self.targets(positions, cond)
+        inputs, outputs, relative = targets if targets is not None else self.targets(positions, cond)
         noise = draws.noise.to(self.device)
         if student_turn:
             return self._student_backward(inputs, relative, positions[1:], draws.t_adv, noise, cond)
@@ -304,7 +352,9 @@ class Trainer:
         out.update(_optimizer_tensors(self.student_opt, "opt.student"))
         if self.disc_opt is not None:
             out.update(_optimizer_tensors(self.disc_opt, "opt.disc"))
-        out["rng"] = self.rng.get_state()
+        pending = self._pending
+        # a paired run has drawn the next iteration's choices already: record the state before them
+        out["rng"] = pending.rng_before if pending is not None and pending.iteration == self.iteration else self.rng.get_state()
         out["iteration"] = torch.tensor(self.iteration, dtype=torch.int64)
         return out
 
@@ -317,6 +367,7 @@ class Trainer:
             _load_optimizer(self.disc_opt, tensors, "opt.disc")
         self.rng.set_state(tensors["rng"])
         self.iteration = int(tensors["iteration"])
+        self._pending = None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

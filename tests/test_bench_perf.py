@@ -29,7 +29,7 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
-    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1"]
+    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+paired"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
