@@ -146,7 +146,8 @@ def main(argv=None) -> int:
                         default=None) for solver in sorted({s for s, _ in options})}
     handle.remove()
     result["seconds"] = time.perf_counter() - started
-    key = f"{args.teacher}_{'cpu' if not torch.cuda.is_available() else torch.cuda.get_device_name(0).replace(' ', '_')}"
+    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0).replace(" ", "_")
+    key = f"{args.teacher}_{device}_{args.count}traj_cfg{'+'.join(f'{c:g}' for c in cfgs)}"
     if args.out:
         path = Path(args.out)
         report = json.loads(path.read_text()) if path.is_file() else {}
