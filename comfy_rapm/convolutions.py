@@ -80,19 +80,29 @@ def notice() -> str | None:
     return text
 
 
+def _empty_cache_after_search(value: bool | None = None) -> bool:
+    """PyTorch's per-search cache release switch (read, or set when `value` is given); builds without it (no CUDA
+    support compiled in) have nothing to release: True, and setting does nothing."""
+    get = getattr(torch._C, "_cuda_get_conv_benchmark_empty_cache", None)
+    set_ = getattr(torch._C, "_cudnn_set_conv_benchmark_empty_cache", None)
+    if value is not None and set_ is not None:
+        set_(value)
+    return get() if get is not None else True
+
+
 @contextlib.contextmanager
 def autotuned():
     """While inside: cuDNN autotuning as `current_plan()` says; restored on exit (with `on_keep_cache`, the cache
     the searches left is released once on exit)."""
     chosen = current_plan()
     saved = torch.backends.cudnn.benchmark
-    saved_empty = torch._C._cuda_get_conv_benchmark_empty_cache()
+    saved_empty = _empty_cache_after_search()
     torch.backends.cudnn.benchmark = chosen.benchmark
-    torch._C._cudnn_set_conv_benchmark_empty_cache(chosen.empty_cache_after_search)
+    _empty_cache_after_search(chosen.empty_cache_after_search)
     try:
         yield chosen
     finally:
         torch.backends.cudnn.benchmark = saved
-        torch._C._cudnn_set_conv_benchmark_empty_cache(saved_empty)
+        _empty_cache_after_search(saved_empty)
         if not chosen.empty_cache_after_search and torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -111,3 +111,11 @@ def test_training_sessions_name_every_safe_path_they_take(host, monkeypatch, tmp
     notice = session.Session(teacher, tset, config).safe_path_notice
     lines = notice.split("\n")
     assert lines[0] == convolutions.ASYNC_NOTICE and "student's passes with grad" in lines[1] and len(lines) == 2
+
+
+def test_builds_without_the_cache_release_switch_still_run(monkeypatch):
+    """CPU-only or MPS builds of torch (ComfyUI on a Mac) may lack PyTorch's cuDNN switch: nothing to set there."""
+    for name in ("_cuda_get_conv_benchmark_empty_cache", "_cudnn_set_conv_benchmark_empty_cache"):
+        monkeypatch.delattr(torch._C, name, raising=False)
+    with convolutions.autotuned() as chosen:
+        assert chosen.notice is None
