@@ -7,6 +7,7 @@ import torch
 
 from .comfy_rapm import checkpoints, host, lora_file, presets, progress, sampler, session, shared_store, storage, trainer
 from .comfy_rapm import trajectories as traj
+from .comfy_rapm import solver as solver_mod
 from .comfy_rapm.errors import NodeInputError
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -120,6 +121,7 @@ class RAPMTeacherTrajectory:
             "name": ("STRING", {"default": "rapm_set", "tooltip": "Folder under output/rapm_trajectories/. Rerun with the same inputs to resume."}),
         }, "optional": {
             "prompts_file": ("STRING", {"default": "", "tooltip": "Optional text file in ComfyUI's input folder, one prompt per line, added to the prompts."}),
+            "solver": _advanced((list(solver_mod.SOLVERS), {"default": "ddim", "tooltip": "The teacher's solver inside each slot, fine_steps steps of it: ddim (the paper's; ComfyUI's euler), or ComfyUI's multistep dpmpp_2m / uni_pc. Part of the set: another solver makes another set."})),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("RAPM_TRAJECTORIES",)
@@ -130,7 +132,7 @@ class RAPMTeacherTrajectory:
     DESCRIPTION = "Teacher trajectories: N+1 positions per noise, by M-step DDIM with CFG in each slot, stored safely and resumably."
 
     def generate(self, model, clip, prompts, negative_prompt, width, height, count, steps, fine_steps, cfg, seed,
-                 batch_size, name, prompts_file="", unique_id=None):
+                 batch_size, name, prompts_file="", solver="ddim", unique_id=None):
         node = "RAPMTeacherTrajectory"
         name = _checked(node, "name", storage.check_name, name)
         factor = host.latent_downscale(model)
@@ -141,16 +143,19 @@ class RAPMTeacherTrajectory:
         spec = traj.Spec(
             prompts=_read_prompts(node, prompts, prompts_file), negative_prompt=negative_prompt, width=width,
             height=height, count=count, steps=steps, fine_steps=fine_steps, cfg=cfg, seed=seed,
-            batch_size=batch_size or traj.default_batch_size(latent_shape), model=host.model_info(model, latent_shape))
+            batch_size=batch_size or traj.default_batch_size(latent_shape), model=host.model_info(model, latent_shape),
+            solver=solver)
         store = _checked(node, "name", lambda n: shared_store.open_store(os.path.join(trajectory_root(), n), spec), name)
         bar = host.Progress(count, unique_id)
         clock = progress.Clock(count, store.stored_count(), "traj")
-        bar.text(clock.text(store.stored_count(), "starting"))  # replaces the previous run's line at once
+        notice = session.convolution_notice()  # a slower, safe path taken: said on every line
+        suffix = f"\n{notice}" if notice else ""
+        bar.text(clock.text(store.stored_count(), "starting") + suffix)  # replaces the previous run's line at once
         bar.update_absolute(store.stored_count())
 
         def batch_done(done, total):
             bar.update_absolute(done)
-            bar.text(clock.text(done))
+            bar.text(clock.text(done) + suffix)
         try:
             traj.generate(store, session.trajectory_batches(model, clip, spec, latent_shape, host.check_interrupt), batch_done)
         except host.interrupted_types():
@@ -258,7 +263,7 @@ class RAPMTrain:
         _checked(node, "name", lambda _: run.open(), name)
         sess = session.Session(model, trajectories, config)
         bar = host.Progress(iterations, unique_id)
-        line = progress.TrainingLine(iterations, bar.text, PROGRESS_TEXT_SECONDS, sess.student_graphs_off_reason)
+        line = progress.TrainingLine(iterations, bar.text, PROGRESS_TEXT_SECONDS, sess.safe_path_notice)
         line.loading(run.saved_iteration())
 
         def fit(tr):

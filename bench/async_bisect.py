@@ -45,9 +45,8 @@ def main():
     if args.no_empty_cache:
         cuda_graphs.torch.cuda.empty_cache = lambda: None
     if args.no_cudnn_benchmark:
-        perf.import_host(None)  # the host tree from COMFYUI_PATH or .comfyui, as perf.py finds it
-        from comfy_rapm import host
-        host.autotuned_convolutions = contextlib.nullcontext
+        from comfy_rapm import training_unet
+        training_unet.autotuned_convolutions = contextlib.nullcontext
     if args.sdpa == "math":
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)

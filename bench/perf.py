@@ -53,7 +53,8 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 # and low-memory mode take 2-3 s per iteration, so fewer there keeps the default run in one call.
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
-VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1"}
+VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
+                 "paired"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next one's no-grad work
 
 
 def import_host(comfyui: str | None):
@@ -201,7 +202,7 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         kind, warmup + iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
         cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
         graded_graphs=False if "no_graded_graphs" in parts else None,
-        discriminator_kernel=1 if "heads1x1" in parts else None))
+        discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts))
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -373,6 +374,101 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
         del sess
 
 
+ALLOCATOR_CONF = {"native": None, "cudaMallocAsync": "backend:cudaMallocAsync"}
+
+
+def run_allocators(args, argv: list[str]) -> int:
+    """`--allocators`: each measurement of this command in its own process under each allocator (the environment
+    variable ComfyUI's launcher sets), merged into one report with the ratio cudaMallocAsync / native."""
+    from bench.async_autotune import run_limited
+    allocators = [a for a in args.allocators.split(",") if a]
+    unknown = set(allocators) - set(ALLOCATOR_CONF)
+    if unknown:
+        raise ValueError(f"--allocators: unknown {sorted(unknown)}; use {', '.join(ALLOCATOR_CONF)}")
+    common = ["--rank", str(args.rank), "--traj-fine-steps", str(args.traj_fine_steps), "--cudnn-autotune", args.cudnn_autotune,
+              "--equivalence-precision", args.equivalence_precision]
+    for flag, value in (("--warmup", args.warmup), ("--iterations", args.iterations), ("--traj-batch", args.traj_batch),
+                        ("--resolution", args.resolution), ("--comfyui", args.comfyui)):
+        if value is not None:
+            common += [flag, str(value)]
+    if args.force_cuda_graphs:
+        common.append("--force-cuda-graphs")
+    report = {"command": "python bench/perf.py " + " ".join(argv), "allocators": {},
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    started = time.perf_counter()
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        for allocator in allocators:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+            if ALLOCATOR_CONF[allocator]:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_CONF[allocator]
+            entry = report["allocators"][allocator] = {"models": {}, "processes": {}}
+            for kind in args.models.split(","):
+                units = [] if args.skip_trajectories else [("trajectories", ["--variants", "", "--skip-equivalence"])]
+                units += [(v, ["--variants", v, "--skip-trajectories", "--skip-equivalence"]) for v in args.variants.split(",") if v]
+                if not args.skip_equivalence and kind in args.equivalence_models.split(","):
+                    units.append(("equivalence", ["--variants", "", "--skip-trajectories", "--equivalence-models", kind]))
+                for unit, flags in units:
+                    out = Path(tmp) / f"{allocator}_{kind}_{unit}.json".replace("+", "_")
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--models", kind, *flags, *common, "--out", str(out)]
+                    process = run_limited(cmd, env, args.unit_timeout, Path(tmp) / (out.stem + ".log"))
+                    entry["processes"][f"{kind}/{unit}"] = process
+                    if out.is_file():
+                        child = json.loads(out.read_text())
+                        for key in ("card", "torch", "allocator", "allocator_backend", "cudnn_autotune"):
+                            entry.setdefault(key, child.get(key))
+                        model = entry["models"].setdefault(kind, {})
+                        for key, value in child.get("models", {}).get(kind, {}).items():
+                            if key == "training":
+                                model.setdefault("training", {}).update(value)
+                            else:
+                                model[key] = value
+                    state = "TIMED OUT" if process["timed_out"] else f"rc {process['returncode']}"
+                    print(f"[{allocator}] {kind}/{unit}: {state}, {process['wall_s']:.0f} s wall, {process['sys_s']:.0f} s system",
+                          flush=True)
+                    save()
+    report["wall_seconds"] = time.perf_counter() - started
+    report["comparison"] = allocator_comparison(report)
+    save()
+    print(f"\n{report['wall_seconds'] / 60:.1f} min; {'model':6} {'variant':26} " + " ".join(f"{a + ' s/it':>22}" for a in allocators)
+          + "  ratio   reserved / device-used GiB")
+    for row in report["comparison"]:
+        times = " ".join(f"{row['seconds_per_iteration'].get(a, float('nan')):22.3f}" for a in allocators)
+        memory = "  ".join(f"{a}: {row['peak_reserved_gib'].get(a, float('nan')):.1f} / {row['device_used_gib_after'].get(a, float('nan')):.1f}"
+                           for a in allocators)
+        print(f"{row['model']:6} {row['variant']:26} {times}  {row.get('ratio', float('nan')):5.2f}   {memory}")
+    return 0
+
+
+def allocator_comparison(report: dict) -> list[dict]:
+    """One row per model and measurement: s/it (trajectories: s per batch) under each allocator, memory, and the ratio
+    cudaMallocAsync / native where both ran."""
+    rows = []
+    allocators = report["allocators"]
+    names = {(kind, variant) for a in allocators.values() for kind, m in a["models"].items() for variant in m.get("training", {})}
+    names |= {(kind, "trajectories") for a in allocators.values() for kind, m in a["models"].items() if "trajectories" in m}
+    for kind, variant in sorted(names):
+        row = {"model": kind, "variant": variant, "seconds_per_iteration": {}, "peak_reserved_gib": {}, "device_used_gib_after": {}}
+        for allocator, entry in allocators.items():
+            m = entry["models"].get(kind, {})
+            r = m.get("trajectories") if variant == "trajectories" else m.get("training", {}).get(variant)
+            if not r or "error" in r:
+                continue
+            row["seconds_per_iteration"][allocator] = r.get("seconds_per_batch", r.get("seconds_per_iteration"))
+            row["peak_reserved_gib"][allocator] = r.get("peak_reserved_gib", float("nan"))
+            row["device_used_gib_after"][allocator] = r.get("device_used_gib_after", float("nan"))
+        times = row["seconds_per_iteration"]
+        if "native" in times and "cudaMallocAsync" in times and times["native"]:
+            row["ratio"] = times["cudaMallocAsync"] / times["native"]
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
@@ -394,10 +490,21 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--force-cuda-graphs", action="store_true",
                    help="use CUDA graphs even where the product turns them off (a non-native allocator): to investigate")
+    p.add_argument("--cudnn-autotune", default="auto", choices=["auto", "on", "off", "on_keep_cache"],
+                   help="cuDNN autotuning (comfy_rapm/convolutions.py): auto = the product's choice (on natively, off under "
+                        "cudaMallocAsync); the others force it for A/B runs")
+    p.add_argument("--allocators", default=None,
+                   help="comma-separated: native, cudaMallocAsync. Runs every measurement (trajectories, each variant, the "
+                        "equivalence check) in its own process under each allocator and compares them")
+    p.add_argument("--unit-timeout", type=float, default=300.0, help="with --allocators: seconds per process")
     p.add_argument("--comfyui", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.allocators:
+        return run_allocators(args, argv if argv is not None else sys.argv[1:])
     import_host(args.comfyui)
+    from comfy_rapm import convolutions
+    convolutions.mode = args.cudnn_autotune
     if args.force_cuda_graphs:
         from comfy_rapm import cuda_graphs
         cuda_graphs.parameter_graphs_unsupported_reason = lambda: None
@@ -408,6 +515,8 @@ def main(argv=None):
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     report = {"command": "python bench/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "card": card, "torch": torch.__version__, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "native"),
+              "allocator_backend": torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "none (CPU)",
+              "cudnn_autotune": args.cudnn_autotune,
               "forced_cuda_graphs": args.force_cuda_graphs, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "models": {}}
     def save():  # after every measurement, so a run cut short still leaves what it measured

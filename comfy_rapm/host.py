@@ -118,6 +118,27 @@ def run_with_denoiser(model, positive: Conditioning, negative: Conditioning, lat
     return sampler.result
 
 
+# --- in-slot solvers ---------------------------------------------------------------------------
+
+def slot_solver(name: str):
+    """A solver.Solve for trajectory slots: "ddim" (ours; = ComfyUI's euler), or ComfyUI's own sampler function
+    of that name ("dpmpp_2m", "uni_pc") run deterministically on the slot's sigmas, the way KSampler calls it
+    (model(x, σ·1) → denoised)."""
+    from . import solver
+    if name == "ddim":
+        return solver.ddim_solve
+    if name not in solver.SOLVERS:
+        raise ValueError(f"in-slot solver {name!r}: one of {', '.join(solver.SOLVERS)}")
+    function = comfy.samplers.sampler_object(name).sampler_function
+
+    def solve(denoise, x, sigmas, callback=None):
+        def model(x, sigma, **_):
+            return denoise(x, sigma)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=x.device)
+        return function(model, x, sigmas, extra_args={}, callback=callback, disable=True)
+    return solve
+
+
 # --- text and folders -----------------------------------------------------------------------
 
 def encode_text(clip, text: str) -> Conditioning:

@@ -16,21 +16,30 @@ log = logging.getLogger(__name__)
 
 
 def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
-                      on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                      on_step: Callable[[], None] | None = None, solver: str = "ddim") -> torch.Tensor:
     """One batch of teacher trajectories (B, N+1, C, H, W) in VP space, on the CPU. `positive` and
-    `negative` are batched CONDITIONINGs whose row i belongs to noise[i]."""
+    `negative` are batched CONDITIONINGs whose row i belongs to noise[i]; `solver`: the in-slot solver."""
+    solve = host.slot_solver(solver)
+
     def body(denoiser):
         return trajectories.generate_positions(lambda x, s: denoiser(x, s, cfg=cfg), denoiser.model_sampling,
-                                               noise.to(denoiser.device), slots, on_step=on_step).float().cpu()
+                                               noise.to(denoiser.device), slots, on_step=on_step,
+                                               solve=solve).float().cpu()
     with training_unet.autotuned_convolutions():
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
+def convolution_notice() -> str | None:
+    """What the Teacher Trajectories node adds to its progress line when convolutions run the safe path."""
+    from . import convolutions
+    return convolutions.notice()
+
+
 def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
-                     on_step: Callable[[], None] | None = None) -> tuple[dict, dict]:
+                     on_step: Callable[[], None] | None = None, solver: str = "ddim") -> tuple[dict, dict]:
     """One shard of a trajectory set: the teacher's positions plus the conditioning exactly as the
     teacher saw it, as (tensors, metadata) for trajectories.generate."""
-    positions = teacher_positions(model, positive, negative, noise, slots, cfg, on_step)
+    positions = teacher_positions(model, positive, negative, noise, slots, cfg, on_step, solver)
     pos_t, pos_extra = trajectories.conditioning_tensors(positive, "positive")
     neg_t, neg_extra = trajectories.conditioning_tensors(negative, "negative")
     return dict(positions=positions, **pos_t, **neg_t), {"positive_extra": pos_extra, "negative_extra": neg_extra}
@@ -54,7 +63,7 @@ def trajectory_batches(model, clip, spec: trajectories.Spec, latent_shape: tuple
         positive = host.stack_conditioning([encode(p) for p in prompts], "prompts")
         negative = host.stack_conditioning([encode(spec.negative_prompt)] * len(seeds), "negative_prompt")
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + tuple(latent_shape)), s) for s in seeds])
-        return trajectory_shard(model, positive, negative, noise, slots, spec.cfg, on_step)
+        return trajectory_shard(model, positive, negative, noise, slots, spec.cfg, on_step, spec.solver)
     return run_batch
 
 
@@ -91,8 +100,14 @@ class Session:
                                        config, self.student_graphs, host.interrupted_types()) as graphs:
                 discriminators = (self._discriminators(features, conditioning, denoiser.model_sampling, device, graphs)
                                   if tap else None)
+
+                def paired_conditioning(i, j):  # trajectory i's and j's conditioning as one batch of 2
+                    return denoiser.prepare(host.stack_conditioning([data[i].positive, data[j].positive]),
+                                            host.stack_conditioning([data[i].negative, data[j].negative]),
+                                            (2,) + self.latent_shape)
                 tr = trainer.Trainer(
-                    config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg),
+                    config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg,
+                                                 paired_conditioning),
                     denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                     features, device)
                 self.graphs = graphs
@@ -120,6 +135,13 @@ class Session:
                 graphs.enabled = True
         return Discriminators([f.shape[1] for f in probe], kernel=self.config.discriminator_kernel,
                               seed=self.config.seed).to(device).set_compute_dtype(self.dtype)
+
+    @property
+    def safe_path_notice(self) -> str | None:
+        """What the node adds to its progress line while it runs a slower, safe path (None: full speed)."""
+        from . import convolutions
+        lines = [text for text in (convolutions.notice(), self.student_graphs_off_reason) if text]
+        return "\n".join(lines) or None
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:
         return lora_mod.LoRAWeights(self.lora.comfy_state_dict(torch.float16), metadata)

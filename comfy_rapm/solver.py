@@ -11,6 +11,11 @@ from typing import Callable, Sequence
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A solver from σ_0 to σ_last along `sigmas`: solve(denoise, x, sigmas, callback) → end point. DDIM is here;
+# the host's own multistep solvers (ComfyUI's dpmpp_2m, uni_pc) come through host.slot_solver.
+Solve = Callable[[Denoiser, torch.Tensor, Sequence, Callable | None], torch.Tensor]
+# The in-slot solvers a trajectory set can be made with ("ddim" = what sets without the key were made with).
+SOLVERS = ("ddim", "dpmpp_2m", "uni_pc")
 
 
 def _per_item(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -42,3 +47,8 @@ def ddim(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence, callback: Callabl
         if callback is not None:
             callback(i + 1)
     return x, kept
+
+
+def ddim_solve(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence, callback: Callable | None = None) -> torch.Tensor:
+    """`ddim` as a Solve."""
+    return ddim(denoise, x, sigmas, callback=callback)[0]

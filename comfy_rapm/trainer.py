@@ -56,9 +56,14 @@ class Config:
     gradient_checkpointing: bool = False
     cuda_graphs: bool | None = None    # None: on unless low_memory (graphs keep one pass's activations per shape)
     graded_graphs: bool | None = None  # the passes with grad too; None: as cuda_graphs
+    # Each discriminators' iteration also computes the next (student) iteration's no-grad work, in one batch with its
+    # own (the student's chain at batch 2, the teacher and frozen-student steps at 2N rows): the LoRA does not change
+    # between the two (only the discriminators step), so the values and draws are those of separate iterations. An
+    # option for A/B runs (perf.py `paired`); off until measured.
+    paired_iterations: bool = False
 
     RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",
-               "graded_graphs")
+               "graded_graphs", "paired_iterations")
 
     def weights(self, steps: int) -> list[float]:
         w = [float(v) for v in self.absolute_weight]
@@ -142,6 +147,18 @@ class TrainingData:
     conditioning: Callable   # index → conditioning handle for ModelCall/FeatureCall
     timesteps: list          # [t_N, …, t_0]
     cfg: float               # the teacher's guidance when the trajectories were made
+    # (i, j) → one handle whose batch-2 conditioning is trajectory i's then j's, tiled over a batch as the host tiles
+    # conditioning (rows alternate i, j): only for paired iterations (Trainer(paired=True))
+    paired_conditioning: Callable | None = None
+
+
+@dataclass
+class _Pending:
+    """The next (student) iteration's draws and no-grad targets, computed with the discriminators' iteration."""
+    iteration: int
+    draws: "Draws"
+    targets: tuple
+    rng_before: torch.Tensor  # the draw generator's state before these draws: what a checkpoint records
 
 
 class Trainer:
@@ -167,6 +184,8 @@ class Trainer:
         self.history = {"loss": [], "huber": [], "generator": [], "discriminator": []}
         self.student_opt = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                              weight_decay=config.weight_decay)
+        self.paired = config.paired_iterations and not config.low_memory and data.paired_conditioning is not None
+        self._pending: _Pending | None = None
         self.disc_opt = None
         if config.uses_gan:
             if discriminators is None or features is None:
@@ -204,6 +223,26 @@ class Trainer:
                 relative = self.ddim_step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
         return inputs, outputs, relative
 
+    def paired_targets(self, first: "Draws", second: "Draws") -> tuple[tuple, tuple]:
+        """targets() of two draws in one batched pass; rows alternate first, second (slot-major), which is how the
+        host tiles the batch-2 conditioning over the batch. Returns (first's targets, second's targets)."""
+        n = self.steps
+        pos = [self.data.positions[d.index].to(self.device, torch.float32) for d in (first, second)]
+        cond = self.data.paired_conditioning(first.index, second.index)
+        two = lambda s: s.repeat_interleave(2)  # noqa: E731  (per row: slot-major, the two draws alternating)
+        with torch.no_grad():
+            chain = [torch.cat([pos[0][0:1], pos[1][0:1]])]
+            for j in range(n):
+                chain.append(self.ddim_step(chain[-1], two(self.s_from[j:j + 1]), two(self.s_to[j:j + 1]), cond, 1.0, student=True))
+            inputs, outputs = torch.stack(chain[:-1]), torch.stack(chain[1:])  # (N, 2, C, H, W)
+            relative = None
+            if self.config.uses_relative:
+                starts = torch.stack([pos[0][:-1], pos[1][:-1]], dim=1).flatten(0, 1)
+                teacher_delta = self.ddim_step(starts, two(self.s_from), two(self.s_delta), cond, self.data.cfg, student=False)
+                relative = self.ddim_step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True)
+                relative = relative.unflatten(0, (n, 2))
+        return tuple(tuple(None if t is None else t[:, k] for t in (inputs, outputs, relative)) for k in (0, 1))
+
     def draw(self) -> "Draws":
         """The iteration's random choices: which trajectory, adv_t and re-noising noise per slot."""
         index = int(torch.randint(0, len(self.data.positions), (1,), generator=self.rng))
@@ -219,12 +258,21 @@ class Trainer:
         Raises NonFiniteLoss without stepping when a loss is NaN/inf."""
         cfg = self.config
         student_turn = self.iteration % 2 == 1
-        draws = self.draw()
+        pending = self._pending if self._pending is not None and self._pending.iteration == self.iteration else None
+        self._pending = pending
+        draws = pending.draws if pending else self.draw()
         if not student_turn and not cfg.uses_gan:
             self.iteration += 1
             return {}
-        result = self.backward(draws, student_turn)
+        targets = pending.targets if pending else None
+        if not student_turn and self.paired:
+            rng_before = self.rng.get_state()
+            following = self.draw()
+            targets, following_targets = self.paired_targets(draws, following)
+            self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before)
+        result = self.backward(draws, student_turn, targets)
         if student_turn:
+            self._pending = None
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
             self.student_opt.step()
@@ -240,12 +288,12 @@ class Trainer:
         self.iteration += 1
         return result
 
-    def backward(self, draws: "Draws", student_turn: bool) -> dict:
+    def backward(self, draws: "Draws", student_turn: bool, targets: tuple | None = None) -> dict:
         """The iteration's summed loss for the side whose turn it is, back-propagated into that
-        side's gradients (zeroed first); no optimizer step."""
+        side's gradients (zeroed first); no optimizer step. `targets`: targets() computed already."""
         positions = self.data.positions[draws.index].to(self.device, torch.float32)
         cond = self.data.conditioning(draws.index)
-        inputs, outputs, relative = self.targets(positions, cond)
+        inputs, outputs, relative = targets if targets is not None else self.targets(positions, cond)
         noise = draws.noise.to(self.device)
         if student_turn:
             return self._student_backward(inputs, relative, positions[1:], draws.t_adv, noise, cond)
@@ -334,7 +382,9 @@ class Trainer:
         out.update(_optimizer_tensors(self.student_opt, "opt.student"))
         if self.disc_opt is not None:
             out.update(_optimizer_tensors(self.disc_opt, "opt.disc"))
-        out["rng"] = self.rng.get_state()
+        pending = self._pending
+        # a paired run has drawn the next iteration's choices already: record the state before them
+        out["rng"] = pending.rng_before if pending is not None and pending.iteration == self.iteration else self.rng.get_state()
         out["iteration"] = torch.tensor(self.iteration, dtype=torch.int64)
         return out
 
@@ -347,6 +397,7 @@ class Trainer:
             _load_optimizer(self.disc_opt, tensors, "opt.disc")
         self.rng.set_state(tensors["rng"])
         self.iteration = int(tensors["iteration"])
+        self._pending = None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import convolutions
 from .cuda_graphs import GraphedCalls
 
 
@@ -67,16 +68,11 @@ def lora_attached(root: nn.Module, lora):
             handle.remove()
 
 
-@contextlib.contextmanager
 def autotuned_convolutions():
     """cuDNN picks the fastest convolution algorithms for the (fixed) shapes of a long run, as ComfyUI's
-    `--fast autotune` does, restored on exit."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = saved or torch.cuda.is_available()
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
+    `--fast autotune` does, restored on exit; not under PyTorch's cudaMallocAsync allocator, where each search
+    stalls (comfy_rapm/convolutions.py)."""
+    return convolutions.autotuned()
 
 
 class _FeaturesCaptured(Exception):

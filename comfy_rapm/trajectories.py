@@ -61,6 +61,7 @@ class Spec:
     seed: int
     batch_size: int
     model: dict = field(default_factory=dict)  # family, latent_shape, fingerprint, prediction, num_timesteps
+    solver: str = "ddim"  # the in-slot solver (solver.SOLVERS); part of the identity only when not DDIM
 
     def prompt(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]
@@ -75,21 +76,29 @@ class Spec:
         return schedule.slot_timesteps(self.steps, self.fine_steps, self.model.get("num_timesteps", 1000))
 
     def inputs(self) -> dict:
-        return {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "width": self.width,
-                "height": self.height, "count": self.count, "steps": self.steps, "fine_steps": self.fine_steps,
-                "cfg": float(self.cfg), "seed": self.seed, "batch_size": self.batch_size, "model": self.model,
-                "sampler_version": SAMPLER_VERSION}
+        out = {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "width": self.width,
+               "height": self.height, "count": self.count, "steps": self.steps, "fine_steps": self.fine_steps,
+               "cfg": float(self.cfg), "seed": self.seed, "batch_size": self.batch_size, "model": self.model,
+               "sampler_version": SAMPLER_VERSION}
+        if self.solver != "ddim":  # absent = DDIM: sets made before the option keep their identity and resume
+            if self.solver not in solver.SOLVERS:
+                raise ValueError(f"in-slot solver {self.solver!r}: one of {', '.join(solver.SOLVERS)}")
+            out["solver"] = self.solver
+        return out
 
 
-def generate_positions(denoise: solver.Denoiser, model_sampling: schedule.ModelSampling, noise: torch.Tensor, slots: list[list[int]],
-                       on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """(B, N+1, C, H, W) VP positions z̃_N … z̃_0 from model-space noise, M-step DDIM per slot."""
+def generate_positions(denoise: solver.Denoiser, model_sampling: schedule.ModelSampling, noise: torch.Tensor,
+                       slots: list[list[int]], on_step: Callable[[], None] | None = None,
+                       solve: solver.Solve | None = None) -> torch.Tensor:
+    """(B, N+1, C, H, W) VP positions z̃_N … z̃_0 from model-space noise, an M-step solve per slot (each slot on
+    its own, from the last slot's end point): DDIM, or `solve` (host.slot_solver: ComfyUI's dpmpp_2m, uni_pc)."""
+    solve = solve or solver.ddim_solve
     sigma_top = schedule.sigma_at(model_sampling, slots[0][0]).to(noise.device)
     x = schedule.initial_latent(model_sampling, noise, sigma_top)
     positions = [schedule.to_vp(x, sigma_top, model_sampling)]
     for slot in slots:
         sigmas = schedule.sigma_at(model_sampling, slot).to(noise.device)
-        x, _ = solver.ddim(denoise, x, sigmas, callback=(lambda _i: on_step()) if on_step else None)
+        x = solve(denoise, x, sigmas, (lambda *_: on_step()) if on_step else None)
         positions.append(schedule.to_vp(x, sigmas[-1], model_sampling))
     return torch.stack(positions, dim=1)
 
@@ -204,7 +213,7 @@ class Store:
         self.manifest.update({
             "model": spec.model, "steps": spec.steps, "fine_steps": spec.fine_steps, "cfg": float(spec.cfg),
             "timesteps": spec.timesteps(), "slot_timesteps": spec.slots(), "count": spec.count,
-            "sampler_version": SAMPLER_VERSION, "width": spec.width, "height": spec.height,
+            "sampler_version": SAMPLER_VERSION, "width": spec.width, "height": spec.height, "solver": spec.solver,
         })
         self.manifest["complete"] = not self.unrecorded()
         storage.write_json(self.folder / "manifest.json", self.manifest)
@@ -278,6 +287,11 @@ class TrajectorySet:
     @property
     def timesteps(self) -> list[int]:
         return list(self.manifest["timesteps"])
+
+    @property
+    def solver(self) -> str:
+        """The in-slot solver the set was made with (sets from before the option: DDIM)."""
+        return self.manifest.get("inputs", {}).get("solver", "ddim")
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

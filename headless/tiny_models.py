@@ -112,9 +112,9 @@ def _shapes(module: torch.nn.Module) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 1. checkpoint on disk
 
-def _sd15_checkpoint_shapes() -> tuple[dict, dict, dict]:
-    """Key -> shape for the UNet, the TAESD VAE and the CLIP-L text model, read off ComfyUI's own
-    classes built on the meta device (nothing is allocated)."""
+def _sd15_checkpoint_shapes(unet_config: dict | None = None) -> tuple[dict, dict, dict]:
+    """Key -> shape for the UNet (the one-level test UNet, or `unet_config`), the TAESD VAE and the CLIP-L text
+    model, read off ComfyUI's own classes built on the meta device (nothing is allocated)."""
     _comfy()
     import json
     import comfy.clip_model
@@ -124,7 +124,7 @@ def _sd15_checkpoint_shapes() -> tuple[dict, dict, dict]:
     import comfy.taesd.taesd
 
     with torch.device("meta"):
-        unet = comfy.supported_models.SD15(_SD15_CKPT_UNET).get_model({}, device="meta").diffusion_model
+        unet = comfy.supported_models.SD15(dict(unet_config or _SD15_CKPT_UNET)).get_model({}, device="meta").diffusion_model
         taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
         config_path = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")
         with open(config_path) as f:
@@ -137,15 +137,15 @@ def _sd15_checkpoint_shapes() -> tuple[dict, dict, dict]:
     return _shapes(unet), _shapes(taesd), clip_shapes
 
 
-def make_sd15_checkpoint(path: str, seed: int = 0) -> str:
+def make_sd15_checkpoint(path: str, seed: int = 0, unet_config: dict | None = None) -> str:
     """Write a random SD1.5-detected checkpoint (float16 tensors, ~300 MB) to PATH; returns PATH.
 
-    Keys: model.diffusion_model.* (one-level UNet, 320 channels, context 768),
-    first_stage_model.taesd_encoder/taesd_decoder.* + vae_scale/vae_shift (TAESD VAE),
-    cond_stage_model.transformer.text_model.* (CLIP-L, 123M params)."""
+    Keys: model.diffusion_model.* (one-level UNet, 320 channels, context 768; or the UNet of `unet_config`, e.g.
+    the full-size SD1.5 one: ~2 GB), first_stage_model.taesd_encoder/taesd_decoder.* + vae_scale/vae_shift (TAESD
+    VAE), cond_stage_model.transformer.text_model.* (CLIP-L, 123M params)."""
     from safetensors.torch import save_file
 
-    unet_shapes, vae_shapes, clip_shapes = _sd15_checkpoint_shapes()
+    unet_shapes, vae_shapes, clip_shapes = _sd15_checkpoint_shapes(unet_config)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.inference_mode(False):
         sd = {}
@@ -153,7 +153,8 @@ def make_sd15_checkpoint(path: str, seed: int = 0) -> str:
         sd.update(_random_state_dict(vae_shapes, gen, torch.float16, "first_stage_model."))
         sd.update(_random_state_dict(clip_shapes, gen, torch.float16, "cond_stage_model.transformer."))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metadata = {"modelspec.title": "rapm tiny random SD1.5 (test model)", "rapm.tiny_seed": str(int(seed))}
+    title = "rapm tiny random SD1.5 (test model)" if unet_config is None else "rapm random-weight SD1.5 (benchmark model)"
+    metadata = {"modelspec.title": title, "rapm.tiny_seed": str(int(seed))}
     save_file(sd, path, metadata=metadata)
     return path
 

@@ -29,7 +29,7 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
-    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1"]
+    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+paired"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
@@ -55,3 +55,48 @@ def test_multi_gpu_trajectory_benchmark_runs_on_the_cpu(tmp_path):
     assert figures["runs"]["1"]["rank0_computed"] == 4 and figures["runs"]["2"]["rank0_computed"] == 2
     assert all(r["trajectories_per_min"] > 0 for r in figures["runs"].values()) and figures["scaling_over_1"]["2"] > 0
     assert figures["sets_byte_identical"] is True  # on the CPU the two runs' files are the same bytes
+
+
+def test_perf_runs_each_measurement_under_each_allocator_in_its_own_process(tmp_path):
+    """`--allocators` (issue #17): one process per allocator and measurement, the allocator set the way ComfyUI's
+    launcher sets it (on the CPU the variable changes nothing; one allocator here to keep CI short, the ratio below)."""
+    out = tmp_path / "perf.json"
+    assert perf.main(["--models", "tiny", "--allocators", "cudaMallocAsync", "--variants", "checkpointing",
+                      "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories", "--skip-equivalence",
+                      "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    entry = report["allocators"]["cudaMallocAsync"]
+    assert entry["allocator"] == "backend:cudaMallocAsync" and entry["cudnn_autotune"] == "auto"
+    process = entry["processes"]["tiny/checkpointing"]
+    assert process["returncode"] == 0 and not process["timed_out"] and process["wall_s"] > 0
+    assert entry["models"]["tiny"]["training"]["checkpointing"]["seconds_per_iteration"] > 0
+    row, = report["comparison"]
+    assert row["variant"] == "checkpointing" and "ratio" not in row  # one allocator: nothing to compare with
+
+
+def test_the_allocator_comparison_pairs_each_measurement():
+    run = lambda s: {"seconds_per_iteration": s, "peak_reserved_gib": 11.0, "device_used_gib_after": 12.0}  # noqa: E731
+    report = {"allocators": {
+        "native": {"models": {"sd15": {"training": {"checkpointing": run(0.25), "reference": run(1.5)},
+                                       "trajectories": {"seconds_per_batch": 20.0}}}},
+        "cudaMallocAsync": {"models": {"sd15": {"training": {"checkpointing": run(0.30), "reference": {"error": "out of memory"}},
+                                                "trajectories": {"seconds_per_batch": 21.0}}}}}}
+    rows = {r["variant"]: r for r in perf.allocator_comparison(report)}
+    assert rows["checkpointing"]["ratio"] == pytest.approx(1.2) and rows["trajectories"]["ratio"] == pytest.approx(1.05)
+    assert "ratio" not in rows["reference"] and set(rows["reference"]["seconds_per_iteration"]) == {"native"}
+
+
+def test_async_autotune_limits_each_case_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """bench/async_autotune.py: a case past its limit is killed with its process group and reported with its system
+    time; cases that do not fit the call's budget are skipped, not started (the probe itself needs a GPU; its product
+    part is perf.py --cudnn-autotune under an allocator, which the test above runs)."""
+    import sys
+    from bench import async_autotune
+    slow = async_autotune.run_limited([sys.executable, "-c", "import time; time.sleep(30)"], {}, 1.0, tmp_path / "slow.log")
+    assert slow["timed_out"] and slow["wall_s"] < 10 and slow["sys_s"] >= 0
+    out = tmp_path / "autotune.json"
+    assert async_autotune.main(["--parts", "probe,product", "--budget", "1", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {f"probe:{c}" for c in async_autotune.PROBE} | {f"product:{c}" for c in async_autotune.DEFAULT_PRODUCT.split(",")}
+    assert all(c["skipped"].startswith("budget") for c in cases.values())
+    assert "async_keep_cache" in async_autotune.table(cases)
