@@ -7,6 +7,7 @@ progress and Cancel.
 Imported only inside a ComfyUI process."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -19,6 +20,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 
+log = logging.getLogger(__name__)
 Conditioning = list  # ComfyUI CONDITIONING: [[cross_attn tensor, {extra}], ...]
 
 
@@ -260,9 +262,24 @@ def weight_modules(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 def trainable_clone(model, compute_dtype: torch.dtype):
     """A clone of `model` that computes in `compute_dtype`; inside `training_weights` gradients flow
     through it to its inputs. The cached model other nodes hold is untouched."""
-    patched = model.clone()
+    patched = resident(model).clone()
     patched.set_model_compute_dtype(compute_dtype)
     return patched
+
+
+def resident(model):
+    """`model`, or where the host made it a dynamic patcher (ComfyUI 0.33+ on a GPU with comfy-aimdo: weights
+    streamed into VRAM layer by layer while sampling) the host's own non-dynamic delegate of it. Training swaps
+    the UNet's parameters for resident copies and replays CUDA graphs over them, which needs weights that stay
+    where they are."""
+    if not getattr(model, "is_dynamic", lambda: False)():
+        return model
+    delegate = getattr(model, "get_non_dynamic_delegate", None)
+    if delegate is None:
+        raise RuntimeError("this ComfyUI gave RAPM a dynamic model patcher without a non-dynamic delegate; "
+                           "start ComfyUI with --disable-dynamic-vram to train")
+    log.info("RAPM: training on ComfyUI's non-dynamic copy of the model (its dynamic VRAM streams weights per layer)")
+    return delegate()
 
 
 def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):

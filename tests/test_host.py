@@ -168,3 +168,32 @@ def test_the_teacher_fingerprint_ignores_a_lora_another_patcher_left_merged_in_t
     assert h.unet_state_fingerprint(model) == before
     with torch.inference_mode():  # and sampling the base model again restores its weights (ComfyUI does that)
         torch.testing.assert_close(_denoise_once(model, pos, neg, x, torch.tensor([1.0]), 1.0), teacher_before)
+
+
+def test_a_dynamic_patcher_trains_on_the_hosts_non_dynamic_delegate(host):
+    """ComfyUI 0.33's ModelPatcherDynamic (comfy-aimdo) exists only on a GPU: on the CPU its constructor returns a
+    plain ModelPatcher. A patcher of the host's class that reports itself dynamic, with the host's own delegate
+    method, stands in for it: the student is a clone of the delegate, never of the dynamic patcher; a plain
+    patcher is used as it is."""
+    from comfy_rapm import host as h
+    import comfy.model_patcher
+    model = tiny_models.make_model_patcher("sd15")
+    assert h.resident(model) is model
+    delegates = []
+
+    class Dynamic(comfy.model_patcher.ModelPatcher):
+        def is_dynamic(self):
+            return True
+
+        def get_non_dynamic_delegate(self):
+            delegates.append(comfy.model_patcher.ModelPatcher(self.model, self.load_device, self.offload_device))
+            return delegates[-1]
+
+    dynamic = Dynamic(model.model, model.load_device, model.offload_device)
+    student = h.trainable_clone(dynamic, torch.float32)
+    assert len(delegates) == 1 and student.parent is delegates[0] and not isinstance(student, Dynamic)
+
+    class NoDelegate(Dynamic):
+        get_non_dynamic_delegate = None
+    with pytest.raises(RuntimeError, match="--disable-dynamic-vram"):
+        h.trainable_clone(NoDelegate(model.model, model.load_device, model.offload_device), torch.float32)

@@ -84,10 +84,14 @@ def test_teacher_is_a_comfyui_eps_model(mods):
     assert float(s[-1]) == float(sig[0])
 
 
-def test_training_call_matches_apply_model(mods):
-    """The trainer's direct UNet call is ComfyUI's BaseModel.apply_model in VP coordinates."""
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_call_matches_apply_model(mods, prediction):
+    """The trainer's direct UNet call is ComfyUI's BaseModel.apply_model in VP coordinates, and the trainer's
+    target is what ComfyUI turns into the clean image: ε for an EPS teacher, v for a V-prediction one."""
     T = mods["teacher"]
-    mp = _perturbed_tiny(T)
+    import comfy.model_base
+    mp = rapm_fixtures.perturbed_teacher(T, dict(TINY, prediction=prediction))
+    assert mp.model.model_type == getattr(comfy.model_base.ModelType, T.PREDICTIONS[prediction])
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
     eps = torch.randn(x0.shape, generator=gen)
@@ -97,11 +101,19 @@ def test_training_call_matches_apply_model(mods):
     z = a.sqrt() * x0 + (1 - a).sqrt() * eps
     sigma = mp.model.model_sampling.sigmas[t]
     with torch.no_grad():
-        e = T.eps_prediction(mp.model, z, t, ctx)
+        out = T.eps_prediction(mp.model, z, t, ctx)
         x = z * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         denoised = mp.model.apply_model(x, sigma, c_crossattn=ctx)
-    torch.testing.assert_close(denoised, x - e * sigma.view(-1, 1, 1, 1), rtol=1e-4, atol=1e-4)
-    assert float(e.std()) > 1e-3
+    if prediction == "eps":
+        expected = x - out * sigma.view(-1, 1, 1, 1)
+    else:
+        expected = a.sqrt() * z - (1 - a).sqrt() * out
+    torch.testing.assert_close(denoised, expected, rtol=1e-4, atol=1e-4)
+    assert float(out.std()) > 1e-3
+    # A UNet that outputs its target exactly makes ComfyUI's denoised the clean image.
+    target = T.training_target(prediction, x0, eps, a)
+    exact = x - target * sigma.view(-1, 1, 1, 1) if prediction == "eps" else a.sqrt() * z - (1 - a).sqrt() * target
+    torch.testing.assert_close(exact, x0, rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_through_comfyui_is_ddim(mods):

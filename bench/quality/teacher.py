@@ -59,13 +59,15 @@ DEFAULT_CONFIG = {
     "use_linear_in_transformer": False,
     "context_dim": 384,           # MiniLM hidden size
     "context_tokens": 16,
-    "prediction": "eps",
+    "prediction": "eps",          # "eps" (SD1.5's) or "v" (SD2's v-prediction, ModelType.V_PREDICTION)
     "pixel_range": [-1.0, 1.0],   # uint8 x -> x / 127.5 - 1
     "init_seed": 0,
 }
 # The benchmark's teacher (bench/quality/README.md): 64x64 images as 12x32x32 latents, otherwise the default
 # architecture (10.80M parameters, 20.6 MiB in float16).
 RECIPE_CONFIG = {"image_size": 64, "patch": 2}
+# What the UNet predicts -> ComfyUI's model type name (comfy.model_base.ModelType).
+PREDICTIONS = {"eps": "EPS", "v": "V_PREDICTION"}
 
 
 # --------------------------------------------------------------------------- ComfyUI
@@ -109,8 +111,8 @@ def full_config(config: dict | None = None) -> dict:
         if k not in cfg:
             raise ValueError(f"unknown teacher config key {k!r}; known: {sorted(cfg)}")
         cfg[k] = v
-    if cfg["prediction"] != "eps":
-        raise ValueError("only prediction='eps' is implemented")
+    if cfg["prediction"] not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {cfg['prediction']!r}")
     if cfg["model_channels"] % 32:
         raise ValueError(f"model_channels must be a multiple of 32 (GroupNorm(32)), got {cfg['model_channels']}")
     if int(cfg["patch"]) < 1 or cfg["image_size"] % int(cfg["patch"]):
@@ -191,7 +193,8 @@ def build_teacher(config: dict | None = None, dtype: torch.dtype = torch.float32
     mc.latent_format = latent_format(cfg["patch"])()
     mc.set_inference_dtype(dtype, None)
     with torch.inference_mode(False):
-        model = comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+        model = comfy.model_base.BaseModel(mc, model_type=getattr(comfy.model_base.ModelType, PREDICTIONS[cfg["prediction"]]),
+                                          device="cpu")
         if init:
             init_weights(model.diffusion_model, cfg["init_seed"])
     model.eval()
@@ -246,12 +249,20 @@ def alphas_cumprod(model) -> torch.Tensor:
 
 
 def eps_prediction(base_model, x_vp: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    """ε̂ of the UNet for VP inputs z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε at integer timesteps t.
+    """The UNet's raw output for VP inputs z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε at integer timesteps t: ε̂ for an
+    EPS teacher, v̂ (≈ sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0) for a V teacher.
 
     Exactly what ComfyUI's BaseModel.apply_model computes for x = z_t·sqrt(1+σ²) at σ = σ(t):
-    its EPS input scaling x/sqrt(1+σ²) is z_t and `model_sampling.timestep(σ(t))` is t; it then
-    returns the denoised x - σ ε̂."""
+    its input scaling x/sqrt(1+σ²) is z_t and `model_sampling.timestep(σ(t))` is t; it then
+    returns the denoised x - σ ε̂ (EPS) or sqrt(ᾱ_t) z_t - sqrt(1-ᾱ_t) v̂ (V)."""
     return base_model.diffusion_model(x_vp, t.to(x_vp.device).float(), context=ctx)
+
+
+def training_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output at z_t = sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε: ε, or v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0."""
+    if prediction == "eps":
+        return eps
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
 
 
 # --------------------------------------------------------------------------- save / load
@@ -287,7 +298,7 @@ def save_teacher(model, out: str | os.PathLike, state_dict: dict | None = None,
            "dtype": meta["dtype"], "parameters": int(sum(t.numel() for t in tensors.values())),
            "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
            "config": cfg, "unet_config": unet_config(cfg),
-           "comfyui": {"model_config": "SD15", "model_type": "EPS", "latent_format": "PixelRGB (3 ch, scale 1)",
+           "comfyui": {"model_config": "SD15", "model_type": PREDICTIONS[cfg["prediction"]], "latent_format": "PixelRGB (3 ch, scale 1)",
                        "schedule": "discrete scaled-linear 0.00085-0.012, 1000 steps"},
            "info": info or {}}
     (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")

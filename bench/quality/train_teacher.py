@@ -4,7 +4,7 @@
     python bench/quality/train_teacher.py --data .data/quality64 --out WORK/teacher --minutes 8  # stop at 8 min, resumable
     python bench/quality/train_teacher.py --data /tmp/q --out /tmp/t --cpu-smoke                  # a few CPU steps
 
-Standard EPS objective on ComfyUI's discrete schedule: t ~ U{0..999}, z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε
+Standard EPS (or, with config prediction "v", v) objective on ComfyUI's discrete schedule: t ~ U{0..999}, z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε
 (x0 the image in [-1, 1], space-to-depth by the config's `patch`), loss = mean (ε̂(z_t, t, caption) - ε)².
 The UNet is called exactly as ComfyUI's BaseModel.apply_model calls it (teacher.eps_prediction; the test
 checks the two agree), so the saved teacher samples correctly through ComfyUI's own samplers.
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
                          f"image_size is {cfg['image_size']}: prepare the data with --size {cfg['image_size']} "
                          "or pass --config with the data's size")
     patch = int(cfg["patch"])
+    prediction = cfg["prediction"]
     rows = train_rows(data, args.limit).to(device)
     images = data["images"][rows]                                           # uint8 on device
     ctx_all = T.context(data["hidden"][rows], data["attention_mask"][rows]).to(device)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         z = a.sqrt() * x0 + (1 - a).sqrt() * eps
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
             pred = forward(z, t.float(), context=ctx)
-        loss = torch.nn.functional.mse_loss(pred.float(), eps)
+        loss = torch.nn.functional.mse_loss(pred.float(), T.training_target(prediction, x0, eps, a))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
