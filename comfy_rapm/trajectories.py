@@ -31,7 +31,7 @@ FORMAT = "rapm-trajectories"
 FORMAT_VERSION = 1
 SAMPLER_VERSION = 1  # bump when the numbers a given set of inputs produces change
 # 32 SD1.5 512-px trajectories at once: 6.3 GiB reserved, 4% faster than 16; SDXL 1024 px at 8 (9.6 GiB) is as fast as
-# at 16 (14.1 GiB) (bench/results/perf.json, run5 and run12 under "earlier")
+# at 16 (14.1 GiB) (bench/results/archive/perf_h100_history.json, run5 and run12 under "earlier")
 AUTO_BATCH_LATENT_PIXELS = 32 * 64 * 64
 
 
