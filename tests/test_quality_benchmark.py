@@ -227,3 +227,38 @@ def test_benchmark_miniature_over_calls(mods, quality_mini, tmp_path):
     from PIL import Image
     with Image.open(out / "quality_grid.png") as im:
         assert im.height == 2 + (len(rb.ROWS) + 1) * (32 + 2)  # a line for the real images and one per row
+
+
+def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom(quality_mini, tmp_path):
+    """bench/quality/teacher_sweep.py at toy size: two candidates in parallel processes, one on a downsampled copy of
+    the data; the training call returns their previews, the headroom call their grids and tried guidance scales,
+    and `weights` one candidate's teacher files."""
+    q, out = tmp_path / "q", tmp_path / "out"
+    q.mkdir()
+    (q / "data").symlink_to(quality_mini)
+    tiny16 = dict(TINY2, image_size=16, patch=1)
+    candidates = {"s2d": {"size": 32, "config": TINY2, "args": []},
+                  "px16_v": {"size": 16, "config": dict(tiny16, prediction="v"), "args": ["--low-t-fraction", "0.5"]}}
+    base = [sys.executable, str(QDIR / "teacher_sweep.py")]
+    common = ["--q", str(q), "--candidates", json.dumps(candidates), "--teacher-args", "--max-steps 4 --batch-size 8",
+              "--benchmark-args", "--cpu-smoke --headroom-goal 1000", "--budget-seconds", "3000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for stage in ("train", "headroom"):
+        res = subprocess.run(base + [stage, "--out", str(out / stage)] + common, capture_output=True, text=True,
+                             timeout=900, env=env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    trained = json.loads((out / "train" / "sweep.json").read_text())["candidates"]
+    assert {n: (c["exit"], c["finished"], c["steps"]) for n, c in trained.items()} == {"s2d": (0, True, 4),
+                                                                                       "px16_v": (0, True, 4)}
+    assert (out / "train" / "s2d_preview.png").is_file() and (out / "train" / "px16_v_preview.png").is_file()
+    assert json.loads((q / "data16" / "dataset.json").read_text())["size"] == 16
+    checked = json.loads((out / "headroom" / "sweep.json").read_text())["candidates"]
+    for name, c in checked.items():
+        assert c["exit"] == 4 and [t["cfg"] for t in c["headroom"]["tried"]] == [6.0, 7.5], name  # goal 1000: short
+        assert (out / "headroom" / f"{name}_grid.png").is_file()
+    v = json.loads((q / "sweep" / "px16_v" / "teacher" / "teacher.json").read_text())
+    assert v["comfyui"]["model_type"] == "V_PREDICTION" and v["info"]["identity"]["low_t_fraction"] == 0.5
+    res = subprocess.run(base + ["weights", "px16_v", "--out", str(out / "w"), "--q", str(q),
+                                 "--candidates", json.dumps(candidates)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (out / "w" / "px16_v_teacher.json").is_file() and list((out / "w").glob("px16_v_teacher.safetensors*"))

@@ -409,6 +409,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher", type=Path, default=None,
                     help="an existing teacher (folder or teacher.safetensors) instead of WORK/teacher")
     ap.add_argument("--teacher-args", default="", help="extra train_teacher.py arguments (the recipe is its defaults)")
+    ap.add_argument("--teacher-config", default=None,
+                    help="train_teacher.py --config, as one JSON argument (no shell quoting inside --teacher-args)")
     ap.add_argument("--cfg", type=float, default=None,
                     help="the trajectories' guidance (default: the RAPMTeacherTrajectory node's default)")
     ap.add_argument("--cfg-fallback", type=float, nargs="*", default=[7.5],
@@ -484,6 +486,7 @@ def main(argv=None) -> int:
                 clock.log("teacher: no time left in this call; run the same command again")
                 return EXIT_TEACHER_UNFINISHED
             extra = shlex.split(args.teacher_args) + (["--cpu-smoke"] if args.cpu_smoke else [])
+            extra += ["--config", args.teacher_config] if args.teacher_config else []
             extra += ["--cpu"] if args.cpu else []
             code = train_teacher.main(["--data", str(args.data), "--out", str(teacher_path), "--minutes", f"{minutes:.3f}"]
                                       + extra)
@@ -549,7 +552,7 @@ def headroom(c: dict) -> dict:
             "The teacher loses too little at 4 steps for a student to show a gain: change the teacher, not the goal. "
             "Levers, cheapest first: a higher guidance (--cfg-fallback 9 tries it on this teacher); a longer run "
             "(--teacher-args '--max-steps 4400' on a new --work: more steps sharpen the 100-step samples more than the "
-            "4-step ones); more capacity (--teacher-args '--config {\"image_size\": 64, \"patch\": 2, "
+            "4-step ones); more capacity (--teacher-config '{\"image_size\": 64, \"patch\": 2, "
             "\"model_channels\": 96}'). Rerun the headroom call after each; --ignore-headroom distils anyway.")
     storage.write_json(c["work"] / "headroom.json", result)
     return result

@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--low-t-fraction", type=float, default=0.0,
+                    help="share of each batch whose timesteps are drawn from the lowest quarter of the schedule instead of "
+                         "all of it: more training where many-step samples get their fine detail (and their grain)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N train rows")
     ap.add_argument("--config", type=str, default=json.dumps(T.RECIPE_CONFIG),
@@ -241,6 +244,9 @@ def main(argv=None) -> int:
         drop = torch.rand(args.batch_size, device=device, generator=gen) < args.caption_dropout
         ctx = torch.where(drop[:, None, None], null_ctx.expand_as(ctx), ctx)
         t = torch.randint(0, ab.shape[0], (args.batch_size,), device=device, generator=gen)
+        if args.low_t_fraction > 0:
+            low = torch.rand(args.batch_size, device=device, generator=gen) < args.low_t_fraction
+            t = torch.where(low, torch.randint(0, ab.shape[0] // 4, (args.batch_size,), device=device, generator=gen), t)
         eps = torch.randn(x0.shape, device=device, generator=gen)
         a = ab[t].view(-1, 1, 1, 1)
         z = a.sqrt() * x0 + (1 - a).sqrt() * eps
