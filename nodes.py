@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .comfy_rapm import checkpoints, host, lora_file, presets, progress, sampler, session, shared_store, storage, trainer
+from .comfy_rapm import checkpoints, host, lora_file, presets, progress, sampler, session, settings, shared_store, storage, trainer
 from .comfy_rapm import trajectories as traj
 from .comfy_rapm import solver as solver_mod
 from .comfy_rapm.errors import NodeInputError
@@ -217,7 +217,7 @@ class RAPMTrain:
             "absolute_weight": _advanced(("STRING", {"default": "1.0", "tooltip": "w_n: one value, or one per step from the first (noisiest) to the last, comma-separated."})),
             "huber_c": _advanced(("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "round": 1e-6})),
             "adversarial_weight": _advanced(("FLOAT", {"default": sd15.adversarial_weight, "min": 0.0, "max": 100.0, "step": 0.01})),
-            "mode": (list(trainer.MODES), {"tooltip": "rapm = relative + absolute matching; the others are the paper's ablations."}),
+            "mode": (list(settings.MODES), {"tooltip": "rapm = relative + absolute matching; the others are the paper's ablations."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
             "checkpoint_every": _advanced(("INT", {"default": 500, "min": 1, "max": 1000000})),
             "name": ("STRING", {"default": "rapm_run", "tooltip": "Folder under output/rapm_runs/. Rerun with the same name and settings to resume."}),
@@ -246,10 +246,10 @@ class RAPMTrain:
         if discriminator_heads not in DISCRIMINATOR_HEADS:
             raise NodeInputError(node, "discriminator_heads", f"'{discriminator_heads}' is not one of {', '.join(DISCRIMINATOR_HEADS)}")
         preset = presets.for_teacher(host.is_sdxl_like(model))
-        config = trainer.Config(
+        config = settings.Config(
             iterations=iterations, lora_rank=lora_rank, lora_alpha=lora_alpha,
             discriminator_learning_rate=discriminator_learning_rate,
-            absolute_weight=_checked(node, "absolute_weight", trainer.parse_absolute_weight, absolute_weight),
+            absolute_weight=_checked(node, "absolute_weight", settings.parse_absolute_weight, absolute_weight),
             huber_c=huber_c, adversarial_weight=adversarial_weight, mode=mode, seed=seed, checkpoint_every=checkpoint_every,
             low_memory=low_memory, precision=precision, gradient_checkpointing=gradient_checkpointing,
             **presets.resolve(preset, info["num_timesteps"], learning_rate=learning_rate or None,
@@ -289,7 +289,7 @@ class RAPMTrain:
         except Exception as e:
             if not host.is_oom(e):
                 raise
-            raise RuntimeError(f"{node}: out of GPU memory. Fix: {trainer.out_of_memory_fix(config)}; rerun with the same "
+            raise RuntimeError(f"{node}: out of GPU memory. Fix: {settings.out_of_memory_fix(config)}; rerun with the same "
                                "name to resume from the last checkpoint.") from None
         weights = sess.lora_weights(lora_file.training_metadata(info, trajectories, config, tr.iteration, name))
         return (host.apply_lora(model, weights), weights, {"loss": list(tr.history["loss"])})

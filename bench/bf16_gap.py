@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     import_host(None)
     import rapm_fixtures
     from comfy_rapm.reference import compare_with_product
-    from comfy_rapm import session, trainer
+    from comfy_rapm import session, settings
     from headless import tiny_models
 
     teacher = tiny_models.make_model_patcher("sd15", seed=6)
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         tset = rapm_fixtures.make_trajectory_set(Path(tmp) / "s", teacher, count=2, steps=4, fine_steps=2)
         for c in [float(v) for v in args.c.split(",")]:
             for precision in ("fp32", "bf16"):
-                config = trainer.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, huber_c=c, precision=precision)
+                config = settings.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, huber_c=c, precision=precision)
                 sess = session.Session(teacher, tset, config)
 
                 def check(tr):

@@ -172,14 +172,14 @@ def synthetic_set(folder, patcher, kind, count, steps):
     return trajectories.TrajectorySet(folder)
 
 
-def make_config(kind, iterations, rank, **settings):
-    """The node's configuration for this model family (comfy_rapm/presets.py), with `settings` on top."""
-    from comfy_rapm import presets, trainer
+def make_config(kind, iterations, rank, **overrides):
+    """The node's configuration for this model family (comfy_rapm/presets.py), with `overrides` on top."""
+    from comfy_rapm import presets, settings
     preset = presets.for_teacher(kind == "sdxl")
-    family = presets.resolve(preset, 1000, discriminator_kernel=settings.pop("discriminator_kernel", None))
-    return trainer.Config(iterations=iterations, lora_rank=rank, lora_alpha=preset.lora_alpha,
-                          discriminator_learning_rate=preset.discriminator_learning_rate, checkpoint_every=10**9,
-                          **family, **settings)
+    family = presets.resolve(preset, 1000, discriminator_kernel=overrides.pop("discriminator_kernel", None))
+    return settings.Config(iterations=iterations, lora_rank=rank, lora_alpha=preset.lora_alpha,
+                           discriminator_learning_rate=preset.discriminator_learning_rate, checkpoint_every=10**9,
+                           **family, **overrides)
 
 
 def reference_iteration(tr):

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import storage
-from .trainer import Config, Trainer
+from .settings import Config
+from .trainer import Trainer
 
 CHECKPOINT_VERSION = 1
 

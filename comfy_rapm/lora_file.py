@@ -31,7 +31,7 @@ def target_folder(root: str | Path, filename_prefix: str) -> tuple[Path, str]:
 
 def training_metadata(teacher: dict, trajectory_set, config, iterations: int, run: str) -> dict:
     """What a trained student records about how it was made (host.model_info of the teacher, the trajectory set,
-    the trainer.Config): read back by `metadata` into the file and by RAPM Sampler users from it."""
+    the settings.Config): read back by `metadata` into the file and by RAPM Sampler users from it."""
     return {"teacher_family": teacher["family"], "teacher_fingerprint": teacher["fingerprint"],
             "steps": trajectory_set.steps, "timesteps": trajectory_set.timesteps, "delta": config.delta,
             "teacher_cfg": trajectory_set.cfg, "iterations": iterations, "mode": config.mode, "rank": config.lora_rank,

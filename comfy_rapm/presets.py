@@ -44,7 +44,7 @@ def for_teacher(sdxl_like: bool) -> Preset:
 def resolve(preset: Preset, num_timesteps: int, *, learning_rate: float | None = None, weight_decay: float | None = None,
             delta: int | None = None, discriminator_kernel: int | None = None) -> dict:
     """The per-family training settings, each given value kept and each None (the user's "auto") the preset's:
-    keyword arguments for trainer.Config."""
+    keyword arguments for settings.Config."""
     return {"learning_rate": preset.learning_rate if learning_rate is None else learning_rate,
             "weight_decay": preset.weight_decay if weight_decay is None else weight_decay,
             "delta": preset.delta_for(num_timesteps) if delta is None else delta,

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, trainer, training_unet, trajectories
+from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, settings, trainer, training_unet, trajectories
 from .discriminator import Discriminators
 from .trajectories import TrajectorySet
 
@@ -70,7 +70,7 @@ def trajectory_batches(model, clip, spec: trajectories.Spec, latent_shape: tuple
 class Session:
     """Teacher + student LoRA (+ discriminators) over one ComfyUI model, trained with `config`."""
 
-    def __init__(self, model, trajectory_set: TrajectorySet, config: trainer.Config):
+    def __init__(self, model, trajectory_set: TrajectorySet, config: settings.Config):
         self.model, self.set, self.config = model, trajectory_set, config
         self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if config.uses_graded_graphs else None
         self.student_graphs = config.uses_graded_graphs and self.student_graphs_off_reason is None

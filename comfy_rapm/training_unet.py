@@ -212,7 +212,7 @@ class gradient_checkpointing:
 @contextlib.contextmanager
 def rewired(root: nn.Module, unet: nn.Module, dtype: torch.dtype, lora, tap: FeatureTap | None, config,
             student_graphs: bool, interrupts: tuple[type, ...] = ()):
-    """The whole rewiring for a session with `config` (a trainer.Config), undone on exit; `student_graphs`: the
+    """The whole rewiring for a session with `config` (a settings.Config), undone on exit; `student_graphs`: the
     passes with grad into the LoRA are graphed too. Yields the GraphedCalls (None without CUDA graphs); set its
     `enabled` to False for a pass that must not be graphed."""
     with training_weights(unet, dtype), lora_attached(root, lora), autotuned_convolutions(), \

@@ -101,10 +101,10 @@ def test_teacher_trajectories_say_once_per_line_that_autotuning_is_off(host, mon
 def test_training_sessions_name_every_safe_path_they_take(host, monkeypatch, tmp_path):
     import rapm_fixtures
     from headless import tiny_models
-    from comfy_rapm import session, trainer
+    from comfy_rapm import session, settings
     teacher = tiny_models.make_model_patcher("sd15", seed=3)
     tset = rapm_fixtures.make_trajectory_set(tmp_path / "set", teacher, count=2, steps=2, fine_steps=1, cfg=2.0)
-    config = trainer.Config(iterations=2, lora_rank=2, lora_alpha=2.0, learning_rate=1e-3,
+    config = settings.Config(iterations=2, lora_rank=2, lora_alpha=2.0, learning_rate=1e-3,
                             discriminator_learning_rate=1e-3, delta=20, seed=0, checkpoint_every=10)
     assert session.Session(teacher, tset, config).safe_path_notice is None  # the CPU: nothing slower taken
     _pretend_cuda_malloc_async(monkeypatch, host)

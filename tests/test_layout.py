@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
         "presets", "training_unet", "reference",
-        "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed", "shared_store", "checkpoints", "journals", "convolutions"]
+        "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed", "shared_store", "checkpoints", "journals", "convolutions", "settings"]
 
 
 def test_core_imports_without_comfyui():

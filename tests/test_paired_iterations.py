@@ -7,7 +7,7 @@ import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import session, trainer
+from comfy_rapm import session, settings, trainer
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def _config(**kw):
     base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
                 delta=20, seed=7, checkpoint_every=100)
     base.update(kw)
-    return trainer.Config(**base)
+    return settings.Config(**base)
 
 
 def _rel(a, b):

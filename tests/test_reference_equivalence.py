@@ -7,7 +7,7 @@ import torch
 import rapm_fixtures
 from headless import tiny_models
 from comfy_rapm.reference import compare_with_product
-from comfy_rapm import session, trainer
+from comfy_rapm import session, settings, trainer
 
 
 @pytest.mark.parametrize("mode,low_memory,checkpointing", [
@@ -16,7 +16,7 @@ from comfy_rapm import session, trainer
 def test_product_iteration_equals_the_reference(host, tmp_path, mode, low_memory, checkpointing):
     teacher = tiny_models.make_model_patcher("sd15", seed=6)
     tset = rapm_fixtures.make_trajectory_set(tmp_path / "s", teacher, count=2, steps=4, fine_steps=2)
-    config = trainer.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, mode=mode, low_memory=low_memory,
+    config = settings.Config(iterations=2, lora_rank=4, lora_alpha=4.0, delta=20, mode=mode, low_memory=low_memory,
                             absolute_weight=[1.0, 0.5, 2.0, 1.0], huber_c=0.001, gradient_checkpointing=checkpointing)
     sess = session.Session(teacher, tset, config)
 

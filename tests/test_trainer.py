@@ -7,7 +7,7 @@ import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import checkpoints, session, trainer
+from comfy_rapm import checkpoints, session, settings, trainer
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def _config(**kw):
     base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
                 delta=20, seed=0, checkpoint_every=2)
     base.update(kw)
-    return trainer.Config(**base)
+    return settings.Config(**base)
 
 
 def _params(module):
@@ -147,7 +147,7 @@ def test_huber_only_loss_matches_a_hand_computation_on_a_linear_toy(host):
         cond_out, uncond_out = c_teacher * x, 0.1 * x  # CFG of two linear predictions
         return uncond_out + guidance * (cond_out - uncond_out)
 
-    config = trainer.Config(iterations=2, delta=delta, huber_c=huber_c, mode="huber_only", absolute_weight=[1, 2, 0.5, 1],
+    config = settings.Config(iterations=2, delta=delta, huber_c=huber_c, mode="huber_only", absolute_weight=[1, 2, 0.5, 1],
                             learning_rate=0.0)
     data = trainer.TrainingData([positions], lambda i: None, [999, 749, 499, 249, 0], cfg)
     tr = trainer.Trainer(config, data, ms, lora, None, model, None, torch.device("cpu"))
@@ -274,18 +274,18 @@ def test_discriminator_heads_input_reaches_the_checkpoint_and_is_part_of_the_run
         _node_train(host, teacher, tset, "bad_heads", 1, discriminator_heads="2x2")
 
 
-@pytest.mark.parametrize("settings, fix", [
+@pytest.mark.parametrize("inputs, fix", [
     (dict(gradient_checkpointing=False), "turn on gradient_checkpointing"),
     (dict(), "set discriminator_heads to 1x1 \\(then also turn on low_memory\\)"),
     (dict(discriminator_heads="1x1"), "turn on low_memory"),
     (dict(discriminator_heads="1x1", low_memory=True), "lower lora_rank"),
 ])
 def test_out_of_memory_names_the_next_memory_setting_and_keeps_the_checkpoint(host, teacher, tset, monkeypatch,
-                                                                               settings, fix):
+                                                                               inputs, fix):
     import comfy.model_management
     import folder_paths
-    name = "oom_" + "_".join(f"{k}{v}" for k, v in settings.items())
-    _node_train(host, teacher, tset, name, 3, **settings)
+    name = "oom_" + "_".join(f"{k}{v}" for k, v in inputs.items())
+    _node_train(host, teacher, tset, name, 3, **inputs)
     node_trainer = sys.modules[host.NODE_CLASS_MAPPINGS["RAPMTrain"].__module__].trainer  # the host's import of it
     real_iteration = node_trainer.Trainer.run_iteration
 
@@ -295,7 +295,7 @@ def test_out_of_memory_names_the_next_memory_setting_and_keeps_the_checkpoint(ho
         return real_iteration(self)
     monkeypatch.setattr(node_trainer.Trainer, "run_iteration", out_of_memory)
     with pytest.raises(RuntimeError, match=f"RAPMTrain: out of GPU memory. Fix: {fix}.*resume"):
-        _node_train(host, teacher, tset, name, 6, **settings)
+        _node_train(host, teacher, tset, name, 6, **inputs)
     folder = os.path.join(folder_paths.get_output_directory(), "rapm_runs", name)
     assert checkpoints.Run(folder, {}).saved_iteration() == 3
 
