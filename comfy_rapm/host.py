@@ -288,10 +288,6 @@ def apply_lora(model, lora_state_dict: dict, strength: float = 1.0):
     return patched
 
 
-
-
-
-
 # --- progress and cancel ------------------------------------------------------------------
 
 class Progress:
@@ -324,12 +320,8 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-
-
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, comfy.model_management.OOM_EXCEPTION)
-
-
 
 
 # --- training support ---------------------------------------------------------------------
