@@ -32,6 +32,7 @@ CANDIDATES = {
     "eps32": {"size": 32, "config": {"image_size": 32, "patch": 1}, "args": []},
 }
 STAGES = {"train": "teacher", "headroom": "headroom"}
+GRACE_SECONDS = 20  # past --budget-seconds before a run that overran is stopped
 
 
 def data_folder(q: Path, size: int, base_size: int) -> Path:
@@ -50,6 +51,24 @@ def command(name: str, spec: dict, data: Path, q: Path, stage: str, budget: floa
     return [sys.executable, str(HERE / "run_benchmark.py"), "--data", str(data), "--work", str(work),
             "--out", str(work / "out"), "--budget-seconds", f"{budget:.0f}", "--until", STAGES[stage],
             "--teacher-config", json.dumps(spec["config"]), "--teacher-args", shlex.join(spec["args"] + extra)]
+
+
+def wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int | None]:
+    """Exit status per run; a run still going at `deadline` (monotonic) is stopped (None), so the report is always
+    written inside the device call."""
+    codes = {}
+    for name, proc in procs.items():
+        try:
+            codes[name] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            print(f"[sweep] {name}: still running at the budget's end, stopped", flush=True)
+            codes[name] = None
+    return codes
 
 
 def summary(name: str, q: Path, code: int | None) -> dict:
@@ -113,7 +132,7 @@ def main(argv=None) -> int:
             log.flush()
             procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         print(f"[sweep] {name}: started", flush=True)
-    codes = {name: proc.wait() for name, proc in procs.items()}
+    codes = wait_all(procs, started + args.budget_seconds + GRACE_SECONDS)
 
     report = {"stage": args.stage, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "seconds": round(time.monotonic() - started, 1), "candidates": {}}
@@ -128,7 +147,7 @@ def main(argv=None) -> int:
             print(f"[sweep] {name}: exit {codes[name]}, {json.dumps(report['candidates'][name].get('headroom', {}).get('tried'))}",
                   flush=True)
     (args.out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if all(code in (0, 3, 4) for code in codes.values()) else 1
+    return 0 if all(code in (0, 3, 4, None) for code in codes.values()) else 1
 
 
 if __name__ == "__main__":
