@@ -1,6 +1,7 @@
 """Several teacher candidates at once on one GPU: each trained, then headroom-checked, by run_benchmark.py in its own
-process and WORK folder (bench/quality/README.md, "Teacher trials"). The teacher trains at ~8% of an H200's
-bf16 peak, so candidates side by side share the card at little cost each.
+process and WORK folder (bench/quality/README.md, "Teacher trials"). The processes take turns on the card, so plan by
+the candidates' total steps (~5 a second for the recipe on an H200, alone); what side by side buys is that every
+candidate moves in every call and none waits for a slot of its own.
 
     bash bench/quality/gpu_plan.sh 0                                          # unpack the carried data (call 1)
     python3 bench/quality/teacher_sweep.py train    --q /tmp/q --out $OUT     # every candidate, until --budget-seconds
@@ -31,6 +32,7 @@ CANDIDATES = {
                  "args": ["--low-t-fraction", "0.5"]},
     "eps32": {"size": 32, "config": {"image_size": 32, "patch": 1}, "args": []},
 }
+DEFAULT = ("eps32", "eps64_long")  # the EPS candidates: SD1.5 is one (bench/quality/README.md, "Teacher trials")
 STAGES = {"train": "teacher", "headroom": "headroom"}
 GRACE_SECONDS = 20  # past --budget-seconds before a run that overran is stopped
 
@@ -93,13 +95,13 @@ def main(argv=None) -> int:
     p.add_argument("--q", type=Path, default=Path("/tmp/q"), help="gpu_plan.sh's folder: data/, ComfyUI/, site/")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget-seconds", type=float, default=540)
-    p.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated candidate names (default: DEFAULT)")
     p.add_argument("--candidates", default=None, help="JSON object replacing CANDIDATES (the CPU test's)")
     p.add_argument("--teacher-args", default="", help="appended to every candidate's train_teacher arguments")
     p.add_argument("--benchmark-args", default="", help="appended to every run_benchmark.py command")
     args = p.parse_args(argv)
     candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
-    names = args.only.split(",") if args.only else list(candidates)
+    names = args.only.split(",") if args.only else [n for n in DEFAULT if n in candidates] or list(candidates)
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.stage == "weights":
