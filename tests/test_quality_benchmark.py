@@ -229,7 +229,7 @@ def test_benchmark_miniature_over_calls(mods, quality_mini, tmp_path):
         assert im.height == 2 + (len(rb.ROWS) + 1) * (32 + 2)  # a line for the real images and one per row
 
 
-def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom(quality_mini, tmp_path):
+def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom(mods, quality_mini, tmp_path):
     """bench/quality/teacher_sweep.py at toy size: two candidates in parallel processes, one on a downsampled copy of
     the data; the training call returns their previews, the headroom call their grids and tried guidance scales,
     and `weights` one candidate's teacher files."""
@@ -262,3 +262,7 @@ def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom
                                  "--candidates", json.dumps(candidates)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (out / "w" / "px16_v_teacher.json").is_file() and list((out / "w").glob("px16_v_teacher.safetensors*"))
+    with pytest.raises(SystemExit, match="16-px images but .* 32-px ones"):  # a candidate scored on the wrong set
+        mods["run_benchmark"].main(["--data", str(quality_mini), "--work", str(tmp_path / "wrong"), "--out",
+                                    str(tmp_path / "wrong_out"), "--teacher", str(q / "sweep" / "px16_v" / "teacher"),
+                                    "--cpu-smoke", "--until", "headroom"])

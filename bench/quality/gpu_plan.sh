@@ -5,7 +5,9 @@
 #   bash bench/quality/gpu_plan.sh 3    carry .whl: students until the scoring reserve, then every score (~9 min)
 #   bash bench/quality/gpu_plan.sh 0    carry .data/carry: only unpack (a new machine, when the teacher already exists)
 #   bash bench/quality/gpu_plan.sh N ARG…   extra run_benchmark.py arguments (stage_carry.py --verify adds --cpu-smoke)
-# TEACHER=path (a teacher.safetensors carried in .data/teacher/) skips the training and scores that teacher.
+# TEACHER=path (a teacher.safetensors carried in .data/teacher/) skips the training and scores that teacher;
+# DATA=folder: its data when it is not the 64-px set (a teacher_sweep.py candidate: TEACHER=/tmp/q/sweep/eps32/teacher
+# DATA=/tmp/q/data32).
 # One WORK folder ($Q/work) for all calls: each call continues the last (the warm machine keeps /tmp and .data/).
 # Results in $OUT/q (quality.json, quality.md, quality_grid.png; call 1: teacher/), the log in $OUT/callN.log.
 # Exit status: run_benchmark.py's (3: the teacher needs another call, 4: no headroom: see the log), 2: carry missing.
@@ -47,7 +49,7 @@ export PYTHONPATH="$Q/site${QUALITY_IMPORT_GUARD:+:$ROOT/bench/quality/gpu_guard
 # The students: RAPM 4 and 2 steps at RAPMTrain's defaults, and two settings candidates for RAPM 4 ranked on
 # training prompts only (the ablations follow at the winner: README). Calls 2 and 3 must name the same.
 STUDENTS=(--runs rapm_4,rapm_2 --search "lr5e-5:learning_rate=5e-5;lr1e-4_scale1:learning_rate=1e-4,lora_alpha=64")
-COMMON=(--data "$Q/data" --work "$Q/work" --out "$OUT/q")
+COMMON=(--data "${DATA:-$Q/data}" --work "$Q/work" --out "$OUT/q")
 [ -n "${TEACHER:-}" ] && COMMON+=(--teacher "$TEACHER")
 # Budgets: ~26 min of commands and a machine start fit the session's 30 (README: the estimates).
 case "$call" in

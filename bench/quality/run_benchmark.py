@@ -504,6 +504,10 @@ def main(argv=None) -> int:
 
     # 2. evaluation set-up and the headroom check --------------------------------------------------------------
     data = load_dataset(args.data)
+    if data["images"].shape[-1] != mp.model.teacher_config["image_size"]:
+        raise SystemExit(f"the teacher makes {mp.model.teacher_config['image_size']}-px images but {args.data} has "
+                         f"{data['images'].shape[-1]}-px ones: give --data the set it was trained on "
+                         "(teacher_sweep.py's 32-px candidates: $Q/data32)")
     ev = Evaluator(data, args, shape, clock)
     store = RowStore(work)
     eval_key = {"teacher": teacher_sha, "data": (data.get("meta") or {}).get("dataset_safetensors_sha256"),
