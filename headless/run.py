@@ -152,4 +152,6 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    ranks.leave(status)  # torchrun: no interpreter teardown (headless/ranks.py)
+    sys.exit(status)
