@@ -2,8 +2,8 @@
 # What a GPU call carries to run ComfyUI 0.33.0 at its main.py defaults there (issue #18, item 5; bench/NOTES.md,
 # "ComfyUI 0.33 on the GPU"): .data/h33/comfyui-0.33.0.tar.gz (the source snapshot) and .data/h33/site, the packages
 # 0.33 adds that the GPU image lacks, for its Python 3.12: comfy-aimdo (dynamic VRAM), comfy-kitchen without its
-# 169 MB CUDA and ROCm extensions (it falls back to its eager and triton kernels, as on a machine where they fail to
-# load), blake3, simpleeval, and torchaudio 2.11.0 (2.11.1 does not load beside the image's torch 2.11.0).
+# CUDA and ROCm extensions (168 + 56 MiB; it falls back to its eager and triton kernels, as where they fail to load),
+# blake3, simpleeval, and torchaudio 2.11.0 (2.11.1 does not load beside the image's torch 2.11.0).
 # Run it here (it needs the registry), then name .data/h33 and .data/whl_small (scripts/gpu_carry.sh) in the carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,22 @@
 """Test helpers: trajectory sets from tiny in-memory teachers, made through the product's own code."""
+import sys
+from pathlib import Path
+
 import torch
 
 from headless import tiny_models
 from comfy_rapm import host, session, trajectories
+
+ROOT = Path(__file__).resolve().parent.parent
+QUALITY_DIR = ROOT / "bench" / "quality"
+
+
+def import_quality_benchmark() -> None:
+    """Put the repository and bench/quality/ on sys.path, as the benchmark's scripts do for themselves, so tests
+    import its modules (teacher, eval, run_benchmark, …) by name."""
+    for p in (str(ROOT), str(QUALITY_DIR)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
 
 
 def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps=3, cfg=2.0, seed=0, batch_size=2,

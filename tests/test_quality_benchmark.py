@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,8 @@ import rapm_fixtures
 
 pytestmark = pytest.mark.quality
 
-ROOT = Path(__file__).resolve().parent.parent
-QDIR = ROOT / "bench" / "quality"
-for p in (str(ROOT), str(QDIR)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+ROOT, QDIR = rapm_fixtures.ROOT, rapm_fixtures.QUALITY_DIR
+rapm_fixtures.import_quality_benchmark()
 
 # 32-px images as 12×16×16 latents (the recipe's 2×2 space-to-depth at toy size)
 TINY2 = {"image_size": 32, "patch": 2, "model_channels": 32, "channel_mult": [1, 2], "attention_levels": [1],

@@ -6,8 +6,6 @@ save/load round trip. The whole driver's miniature is tests/test_quality_benchma
 import importlib
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +15,7 @@ import rapm_fixtures
 
 pytestmark = pytest.mark.quality
 
-ROOT = Path(__file__).resolve().parent.parent
-QDIR = ROOT / "bench" / "quality"
-for p in (str(ROOT), str(QDIR)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+rapm_fixtures.import_quality_benchmark()
 
 TINY = {"model_channels": 32, "channel_mult": [1, 2], "attention_levels": [1], "num_res_blocks": 1,
         "num_head_channels": 16}
@@ -101,7 +95,7 @@ def test_training_call_matches_apply_model(mods, prediction):
     z = a.sqrt() * x0 + (1 - a).sqrt() * eps
     sigma = mp.model.model_sampling.sigmas[t]
     with torch.no_grad():
-        out = T.eps_prediction(mp.model, z, t, ctx)
+        out = T.unet_prediction(mp.model, z, t, ctx)
         x = z * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         denoised = mp.model.apply_model(x, sigma, c_crossattn=ctx)
     if prediction == "eps":

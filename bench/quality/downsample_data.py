@@ -8,14 +8,17 @@ safetensors checksum updated. Same rows, same split: a teacher trained on it is 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+REPO = Path(__file__).resolve().parent.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from comfy_rapm import storage  # noqa: E402
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -33,21 +36,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", type=int, required=True)
     args = p.parse_args(argv)
-    tensors = load_file(str(args.data / "dataset.safetensors"))
+    tensors = storage.read_safetensors(args.data / "dataset.safetensors")
     meta = json.loads((args.data / "dataset.json").read_text())
     source_size = int(tensors["images"].shape[-1])
     tensors["images"] = downsample(tensors["images"], args.size).contiguous()
-    args.out.mkdir(parents=True, exist_ok=True)
     st = args.out / "dataset.safetensors"
-    save_file(tensors, str(st.with_suffix(".tmp")))
-    os.replace(st.with_suffix(".tmp"), st)
+    storage.write_safetensors(st, tensors)
     meta["size"] = args.size
     meta["image_processing"] = (f"{meta.get('image_processing', '')}; then {source_size // args.size}×"
                                 f"{source_size // args.size} block means to {args.size} px (downsample_data.py)")
-    meta["dataset_safetensors_sha256"] = hashlib.sha256(st.read_bytes()).hexdigest()
-    doc = args.out / "dataset.json"
-    doc.with_suffix(".tmp").write_text(json.dumps(meta, ensure_ascii=False) + "\n")
-    os.replace(doc.with_suffix(".tmp"), doc)
+    meta["dataset_safetensors_sha256"] = storage.sha256_file(st)
+    storage.write_json(args.out / "dataset.json", meta)
     print(f"wrote {st} ({tensors['images'].shape[0]} images at {args.size} px)")
     return 0
 

@@ -240,7 +240,7 @@ def empty_conditioning(data: dict) -> list:
     return conditioning(data["null_hidden"], data["null_attention_mask"])
 
 
-# --------------------------------------------------------------------------- the EPS model as trained
+# --------------------------------------------------------------------------- the UNet as trained
 
 def alphas_cumprod(model) -> torch.Tensor:
     """ᾱ of ComfyUI's discrete schedule of the model (1000,), from its sigma table."""
@@ -248,7 +248,7 @@ def alphas_cumprod(model) -> torch.Tensor:
     return 1.0 / (1.0 + ms.sigmas.double() ** 2)
 
 
-def eps_prediction(base_model, x_vp: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+def unet_prediction(base_model, x_vp: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """The UNet's raw output for VP inputs z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε at integer timesteps t: ε̂ for an
     EPS teacher, v̂ (≈ sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0) for a V teacher.
 

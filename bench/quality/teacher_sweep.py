@@ -35,6 +35,9 @@ CANDIDATES = {
 DEFAULT = ("eps32", "eps64_long")  # the EPS candidates: SD1.5 is one (bench/quality/README.md, "Teacher trials")
 STAGES = {"train": "teacher", "headroom": "headroom"}
 GRACE_SECONDS = 20  # past --budget-seconds before a run that overran is stopped
+EXPECTED_EXITS = (0, 3, 4, None)  # run_benchmark.py: done, teacher unfinished, no headroom; None: stopped at the budget
+# what comes back per candidate: the file in its OUT folder, and its name's suffix in $OUT
+PICTURES = {"train": ("teacher/preview.png", "preview"), "headroom": ("quality_grid.png", "grid")}
 
 
 def data_folder(q: Path, size: int, base_size: int) -> Path:
@@ -142,14 +145,14 @@ def main(argv=None) -> int:
         for name in names:
             report["candidates"][name] = dict(summary(name, args.q, codes[name]), spec=candidates[name])
             out_log.write(f"===== {name} (exit {codes[name]})\n" + logs[name].read_text())
-            out = args.q / "sweep" / name / "out"
-            picture = {"train": out / "teacher" / "preview.png", "headroom": out / "quality_grid.png"}[args.stage]
+            picture, suffix = PICTURES[args.stage]
+            picture = args.q / "sweep" / name / "out" / picture
             if picture.exists():
-                shutil.copyfile(picture, args.out / f"{name}_{'preview' if args.stage == 'train' else 'grid'}.png")
+                shutil.copyfile(picture, args.out / f"{name}_{suffix}.png")
             print(f"[sweep] {name}: exit {codes[name]}, {json.dumps(report['candidates'][name].get('headroom', {}).get('tried'))}",
                   flush=True)
     (args.out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if all(code in (0, 3, 4, None) for code in codes.values()) else 1
+    return 0 if all(code in EXPECTED_EXITS for code in codes.values()) else 1
 
 
 if __name__ == "__main__":

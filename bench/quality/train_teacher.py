@@ -6,7 +6,7 @@
 
 Standard EPS (or, with config prediction "v", v) objective on ComfyUI's discrete schedule: t ~ U{0..999}, z_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε
 (x0 the image in [-1, 1], space-to-depth by the config's `patch`), loss = mean (ε̂(z_t, t, caption) - ε)².
-The UNet is called exactly as ComfyUI's BaseModel.apply_model calls it (teacher.eps_prediction; the test
+The UNet is called exactly as ComfyUI's BaseModel.apply_model calls it (teacher.unet_prediction; the test
 checks the two agree), so the saved teacher samples correctly through ComfyUI's own samplers.
 
 - only split == 0 (train) rows; no flips (emoji are not symmetric);
