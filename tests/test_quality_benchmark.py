@@ -39,8 +39,8 @@ def test_space_to_depth_teacher_is_a_comfyui_model_of_64px_images(mods):
     fmt = mp.model.latent_format
     assert fmt.latent_channels == 12 and fmt.spacial_downscale_ratio == 2 and fmt.scale_factor == 1.0
     assert T.latent_shape(TINY2) == (12, 16, 16) and T.patch_of(mp) == 2
-    recipe = T.full_config(T.RECIPE_CONFIG)
-    assert T.latent_shape(recipe) == (12, 32, 32) and T.unet_config(recipe)["in_channels"] == 12
+    recipe64 = T.full_config({"image_size": 64, "patch": 2})
+    assert T.latent_shape(recipe64) == (12, 32, 32) and T.unet_config(recipe64)["in_channels"] == 12
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     x = T.to_model_space(images, 2)
     assert x.shape == (3, 12, 16, 16) and torch.equal(T.to_uint8(x, 2), images)  # lossless

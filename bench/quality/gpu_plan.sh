@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The quality benchmark's GPU plan, one device call each (bench/quality/README.md, "The GPU plan"). From the repo root:
-#   bash bench/quality/gpu_plan.sh 1    carry .data/carry: unpack, then the teacher (~8 min)
-#   bash bench/quality/gpu_plan.sh 2    carry .whl: headroom check, free-sampler rows, trajectories, students (~9 min)
-#   bash bench/quality/gpu_plan.sh 3    carry .whl: students until the scoring reserve, then every score (~9 min)
-#   bash bench/quality/gpu_plan.sh 0    carry .data/carry: only unpack (a new machine, when the teacher already exists)
+#   bash bench/quality/gpu_plan.sh 0    carry .data/carry: unpack the data and the ComfyUI tree (a new machine)
+#   bash bench/quality/gpu_plan.sh 2    carry .whl: teacher rows, trajectories, then the students until the budget
+#   bash bench/quality/gpu_plan.sh 3    carry .whl: the students go on until the budget (as often as time allows)
+#   bash bench/quality/gpu_plan.sh 4    carry .whl: the students until the scoring reserve, then every score
+#   bash bench/quality/gpu_plan.sh 1    carry .data/carry, TEACHER=train only: unpack, then train a new teacher (~8 min)
 #   bash bench/quality/gpu_plan.sh N ARG…   extra run_benchmark.py arguments (stage_carry.py --verify adds --cpu-smoke)
-# TEACHER=path (a teacher.safetensors carried in .data/teacher/) skips the training and scores that teacher;
-# DATA=folder: its data when it is not the 64-px set (a teacher_sweep.py candidate: TEACHER=/tmp/q/sweep/eps32/teacher
-# DATA=/tmp/q/data32).
+# The teacher is the committed one (bench/quality/weights/, 32 px, sha256 cf81d7ba…) unless TEACHER names another
+# (a folder with teacher.json, or its .safetensors) or is `train` (the recipe, trained in $Q/work/teacher by call 1).
+# DATA=folder: the data when it is not the carried set.
 # One WORK folder ($Q/work) for all calls: each call continues the last (the warm machine keeps /tmp and .data/).
 # Results in $OUT/q (quality.json, quality.md, quality_grid.png; call 1: teacher/), the log in $OUT/callN.log.
 # Exit status: run_benchmark.py's (3: the teacher needs another call, 4: no headroom: see the log), 2: carry missing.
 set -uo pipefail
-call=${1:?give the call number: 1, 2 or 3}
+call=${1:?give the call number: 0, 1, 2, 3 or 4}
 shift
 Q=${Q:-/tmp/q}
 PY=${PYTHON:-python3}
@@ -46,18 +47,20 @@ fi
 export PYTHONPATH="$Q/site${QUALITY_IMPORT_GUARD:+:$ROOT/bench/quality/gpu_guard}" COMFYUI_PATH="$Q/ComfyUI" \
     PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-# The students: RAPM 4 and 2 steps at RAPMTrain's defaults, and two settings candidates for RAPM 4 ranked on
-# training prompts only (the ablations follow at the winner: README). Calls 2 and 3 must name the same.
-STUDENTS=(--runs rapm_4,rapm_2 --search "lr5e-5:learning_rate=5e-5;lr1e-4_scale1:learning_rate=1e-4,lora_alpha=64")
+# The students: RAPM 4 and 2 steps and the three ablations, all at RAPMTrain's defaults (the settings search of
+# 2026-12-02 found nothing better on training prompts: bench/quality/README.md). Every call must name the same.
+STUDENTS=(--runs rapm_4,rapm_2,absolute_only_4,relative_only_4,huber_only_4)
 COMMON=(--data "${DATA:-$Q/data}" --work "$Q/work" --out "$OUT/q")
-[ -n "${TEACHER:-}" ] && COMMON+=(--teacher "$TEACHER")
-# Budgets: ~26 min of commands and a machine start fit the session's 30 (README: the estimates).
+TEACHER=${TEACHER:-$ROOT/bench/quality/weights}
+[ "$TEACHER" != train ] && COMMON+=(--teacher "$TEACHER")
+# Budgets: ~27 min of commands and a machine start fit the session's 30 (README: the estimates).
 case "$call" in
     0) echo "[plan] unpacked; nothing else to do"; exit 0 ;;
-    1) args=(--budget-seconds 520 --until teacher) ;;
-    2) args=(--budget-seconds 540 "${STUDENTS[@]}") ;;
-    3) args=(--budget-seconds 500 "${STUDENTS[@]}" --finish) ;;
-    *) echo "[plan] unknown call $call (0, 1, 2 or 3)"; exit 2 ;;
+    1) if [ "$TEACHER" != train ]; then echo "[plan] the teacher is $TEACHER: nothing to train (TEACHER=train trains one)"; exit 0; fi
+       args=(--budget-seconds 520 --until teacher) ;;
+    2|3) args=(--budget-seconds 540 "${STUDENTS[@]}") ;;
+    4) args=(--budget-seconds 480 "${STUDENTS[@]}" --finish) ;;
+    *) echo "[plan] unknown call $call (0, 1, 2, 3 or 4)"; exit 2 ;;
 esac
 echo "[plan] call $call: $PY bench/quality/run_benchmark.py ${COMMON[*]} ${args[*]} $*"
 "$PY" bench/quality/run_benchmark.py "${COMMON[@]}" "${args[@]}" "$@" 2>&1 | tee "$OUT/call$call.log"

@@ -63,9 +63,10 @@ DEFAULT_CONFIG = {
     "pixel_range": [-1.0, 1.0],   # uint8 x -> x / 127.5 - 1
     "init_seed": 0,
 }
-# The benchmark's teacher (bench/quality/README.md): 64x64 images as 12x32x32 latents, otherwise the default
-# architecture (10.80M parameters, 20.6 MiB in float16).
-RECIPE_CONFIG = {"image_size": 64, "patch": 2}
+# The benchmark's teacher (bench/quality/README.md; its weights in bench/quality/weights/): 32x32 RGB pixels, the
+# default architecture (10.79M parameters, 20.6 MiB in float16). The 64-px space-to-depth recipe ({"image_size": 64,
+# "patch": 2}) lacked few-step headroom (bench/results/archive/quality_run9_h200_teachers64/).
+RECIPE_CONFIG = {"image_size": 32, "patch": 1}
 # What the UNet predicts -> ComfyUI's model type name (comfy.model_base.ModelType).
 PREDICTIONS = {"eps": "EPS", "v": "V_PREDICTION"}
 

@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N train rows")
     ap.add_argument("--config", type=str, default=json.dumps(T.RECIPE_CONFIG),
                     help="JSON object overriding teacher.DEFAULT_CONFIG (default: the recipe, "
-                         f"{json.dumps(T.RECIPE_CONFIG)}); '{{}}' for the 32-px pixel-space default")
+                         f"{json.dumps(T.RECIPE_CONFIG)}, the committed teacher's)")
     ap.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     ap.add_argument("--checkpoint-every", type=int, default=500, help="steps between saved training states")
     ap.add_argument("--log-every", type=int, default=100)
