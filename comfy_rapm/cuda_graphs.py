@@ -136,15 +136,16 @@ class GraphedCalls:
                 self.error = f"{type(error).__name__}: {error}"
                 if grad:  # the no-grad graphs stay
                     self.graded = False
-                    log.warning("CUDA graph capture of a pass with grad failed (%s); those run eagerly", error)
+                    log.warning("CUDA graph capture of a pass with grad failed (%s); those run eagerly", self.error)
                 else:
                     self.failed = True
                     self.graphs.clear()
-                    log.warning("CUDA graph capture failed (%s); running the model eagerly", error)
+                    log.warning("CUDA graph capture failed (%s); running the model eagerly", self.error)
                 torch.cuda.synchronize()
-                return self.fn(*args, **kwargs)
             finally:
                 torch.cuda.empty_cache()  # the warm-up's blocks, cached for its side stream only
+            if entry is None:  # eagerly, after the except: the failed capture's traceback (its tensors) is gone
+                return self.fn(*args, **kwargs)
         result = entry(args, kwargs)
         if result is _BUSY:
             self.busy += 1

@@ -173,7 +173,14 @@ def graphed_unet(unet: nn.Module, enabled: bool, state: Callable[[], object], ta
 class gradient_checkpointing:
     """Recompute each UNet block in backward (torch.utils.checkpoint, use_reentrant=False; ComfyUI's own
     `use_checkpoint` flag fails with frozen base weights). Restores the blocks on exit. `context_fn`
-    (torch.utils.checkpoint's) restores state the recomputation depends on."""
+    (torch.utils.checkpoint's) restores state the recomputation depends on.
+
+    An exception inside a block (a CUDA graph capture that runs out of memory, the host's Cancel) is raised only
+    after torch.utils.checkpoint has finished the block's frame. Before pytorch#184018 (torch 2.11 included) an
+    exception raised through checkpoint left the frame's saved-tensor hooks pushed for as long as the exception's
+    traceback lived: every tensor saved meanwhile, the next blocks' inputs too, was filed under the failed block,
+    and backward failed recomputing it ("A different number of tensors was saved during the original forward and
+    recomputation"), e.g. after GraphedCalls' eager retry of a failed graded capture."""
 
     def __init__(self, unet: nn.Module, enabled: bool = True, context_fn=None):
         self.unet, self.enabled, self.saved, self.context_fn = unet, enabled, [], context_fn
@@ -194,7 +201,20 @@ class gradient_checkpointing:
                         extra = {"context_fn": self.context_fn} if self.context_fn else {}
                         # preserve_rng_state off: the UNet draws no random numbers, and reading the CUDA
                         # RNG state is not allowed while a CUDA graph is captured
-                        return cp.checkpoint(_f, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+                        failed, first = [], [True]
+
+                        def forward(*a, **k):
+                            if not first[0]:
+                                return _f(*a, **k)  # the recomputation in backward: its errors are backward's
+                            first[0] = False
+                            try:
+                                return _f(*a, **k)
+                            except BaseException as error:  # re-raised once checkpoint has closed its frame
+                                failed.append(error)
+                        out = cp.checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+                        if failed:
+                            raise failed.pop()  # pop: no reference cycle keeps the failed pass's tensors
+                        return out
                     return _f(*args, **kwargs)
                 layer.forward = checkpointed
         return self
