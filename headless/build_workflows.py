@@ -107,9 +107,9 @@ PCM's SDXL settings: teacher cfg 7.5, lr 2e-6, weight decay 0, Δ 25, 1024×1024
 
 {WHERE_FILES_GO}"""
 
-DEMO_NOTE = """The whole RAPM pipeline on the built-in emoji teacher (7M parameters, 32×32 pixels, text from MiniLM; no download): 8 trajectories, 40 training iterations, a couple of minutes on a CPU.
+DEMO_NOTE = """The whole RAPM pipeline on the built-in emoji teacher (11M parameters, 32×32 pixels, text from MiniLM; no download): 8 trajectories, 40 training iterations, a couple of minutes on a CPU.
 The model's latent is the image, so Empty Latent Image asks for 256×256 (32×32 after its ÷8) while the trajectories are 32×32.
-The comparison image shows the teacher (20 DDIM steps, cfg 3) and the 4-step student from the same seed. The pack writes output/rapm_trajectories/demo/, output/rapm_runs/demo/ and models/loras/rapm/demo.safetensors. Load the SD1.5 or SDXL template for the real thing."""
+The comparison image shows the teacher (20 DDIM steps, cfg 6) and the 4-step student from the same seed. The pack writes output/rapm_trajectories/demo/, output/rapm_runs/demo/ and models/loras/rapm/demo.safetensors. Load the SD1.5 or SDXL template for the real thing."""
 
 def family_training(preset):
     """RAPM Train's widgets for a family: its preset's values, written out so the user sees them."""
@@ -127,7 +127,7 @@ WORKFLOWS = {
         "sd_xl_base_1.0.safetensors", presets.SDXL.resolution, SD15_PROMPTS, 1000, 25, presets.SDXL.teacher_cfg, 0,
         family_training(presets.SDXL), 100, "sdxl_rapm", SDXL_NOTE),
     "rapm-1-demo-emoji-teacher-no-downloads.json": pipeline(
-        None, 32, DEMO_PROMPTS, 8, 5, 3.0, 4,
+        None, 32, DEMO_PROMPTS, 8, 5, 6.0, 4,
         dict(iterations=40, lora_rank=8, lora_alpha=8.0, learning_rate=1e-4, discriminator_learning_rate=1e-4,
              checkpoint_every=20, weight_decay=0.001, gradient_checkpointing=False, low_memory=False, precision="auto",
              discriminator_heads="auto"),

@@ -76,20 +76,27 @@ def test_the_solver_is_part_of_a_sets_identity_and_ddim_sets_keep_theirs(host, t
                           seed=0, batch_size=1, solver="heun").inputs()
 
 
-def test_the_multistep_solvers_are_closer_to_the_solution_than_ddim_at_equal_steps_on_the_demo_teacher(host):
-    """The benchmark's claim in miniature (bench/slot_solvers.py): the real trained emoji teacher, 2 slots, a
-    reference on every 12th timestep (84 steps); at 4 steps per slot dpmpp_2m and uni_pc land closer than DDIM at
-    every slot's end (measured: 0.39× / 0.32× of DDIM's error after the first slot, 0.78× / 0.59× after the last,
-    where the trailing grid's final step from t=124 to t=0 is one large step in log σ for every solver)."""
+def test_the_in_slot_solvers_converge_at_their_order_on_the_demo_teacher(host):
+    """The solvers inside a slot, through the node's own code, on the real trained emoji teacher: 2 slots, a
+    reference on every 12th timestep (84 steps), 4 and 8 steps per slot. On the first slot (999 → 499) DDIM is
+    first order (error ÷2.9 from 4 to 8 steps) and dpmpp_2m second order (÷4.2, below DDIM at both), uni_pc
+    converges more slowly (÷1.5). Not asserted, because it is this teacher's and not the solvers': after the last
+    slot (to t=0) dpmpp_2m and uni_pc land farther from the reference than DDIM (0.173 / 0.070 vs 0.089 at 4 steps;
+    the earlier 7M teacher had them at 0.78× / 0.59× of DDIM), which is why the node keeps DDIM as its default."""
     from bench import slot_solvers
     from comfy_rapm import session
     model, positive, negative, noise, _ = slot_solvers.load_teacher("demo", 1, seed=0)
 
-    def positions(solver, slots):
+    def first_slot_error(solver, steps):
         with torch.inference_mode():
-            return session.teacher_positions(model, positive, negative, noise, slots, 3.0, solver=solver)
-    reference = positions("dpmpp_2m", slot_solvers.every_timestep_slots(2, stride=12))
-    errors = {s: slot_solvers.relative_errors(positions(s, schedule.slot_timesteps(2, 4)), reference)
-              for s in ("ddim", "dpmpp_2m", "uni_pc")}
-    for solver in ("dpmpp_2m", "uni_pc"):
-        assert errors[solver][0] < 0.5 * errors["ddim"][0] and errors[solver][1] < 0.9 * errors["ddim"][1], errors
+            positions = session.teacher_positions(model, positive, negative, noise, schedule.slot_timesteps(2, steps),
+                                                  3.0, solver=solver)
+        return slot_solvers.relative_errors(positions, reference)[0]
+    with torch.inference_mode():
+        reference = session.teacher_positions(model, positive, negative, noise,
+                                              slot_solvers.every_timestep_slots(2, stride=12), 3.0, solver="dpmpp_2m")
+    errors = {s: (first_slot_error(s, 4), first_slot_error(s, 8)) for s in ("ddim", "dpmpp_2m", "uni_pc")}
+    assert errors["ddim"][1] < errors["ddim"][0] / 2, errors
+    assert errors["dpmpp_2m"][1] < errors["dpmpp_2m"][0] / 3.5, errors
+    assert errors["dpmpp_2m"][0] < errors["ddim"][0] and errors["dpmpp_2m"][1] < errors["ddim"][1], errors
+    assert errors["uni_pc"][1] < errors["uni_pc"][0], errors

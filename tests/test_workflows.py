@@ -13,7 +13,7 @@ from headless.convert import widget_slots
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 SMALL = ["Teacher Trajectories (RAPM).count=2", "Teacher Trajectories (RAPM).fine_steps=2",
-         "RAPM Train.iterations=4", "RAPM Train.lora_rank=2", "Teacher (20 DDIM steps, cfg 3.0).steps=2"]
+         "RAPM Train.iterations=4", "RAPM Train.lora_rank=2", "Teacher (20 DDIM steps, cfg 6.0).steps=2"]
 
 
 @pytest.fixture

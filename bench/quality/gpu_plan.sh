@@ -47,9 +47,10 @@ fi
 export PYTHONPATH="$Q/site${QUALITY_IMPORT_GUARD:+:$ROOT/bench/quality/gpu_guard}" COMFYUI_PATH="$Q/ComfyUI" \
     PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-# The students: RAPM 4 and 2 steps and the three ablations, all at RAPMTrain's defaults (the settings search of
-# 2026-12-02 found nothing better on training prompts: bench/quality/README.md). Every call must name the same.
-STUDENTS=(--runs rapm_4,rapm_2,absolute_only_4,relative_only_4,huber_only_4)
+# The students: RAPM 4 and 2 steps and the three ablations, all at RAPMTrain's defaults (the learning rates searched
+# on 2026-12-02 did no better on training prompts: bench/quality/README.md), and one more candidate for RAPM 4, a
+# stronger adversarial term, ranked on training prompts only. Every call must name the same.
+STUDENTS=(--runs rapm_4,rapm_2,absolute_only_4,relative_only_4,huber_only_4 --search "adv0.3:adversarial_weight=0.3")
 COMMON=(--data "${DATA:-$Q/data}" --work "$Q/work" --out "$OUT/q")
 TEACHER=${TEACHER:-$ROOT/bench/quality/weights}
 [ "$TEACHER" != train ] && COMMON+=(--teacher "$TEACHER")

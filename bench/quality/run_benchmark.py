@@ -495,7 +495,7 @@ def main(argv=None) -> int:
                 return EXIT_TEACHER_UNFINISHED
             publish_teacher(teacher_path, out / "teacher")
     mp, doc = T.load_teacher(teacher_path)
-    teacher_sha = storage.sha256_file(teacher_path if teacher_path.is_file() else teacher_path / T.WEIGHTS_NAME)
+    teacher_sha = storage.sha256_file(T.weights_file(teacher_path, doc))
     shape = T.latent_shape(mp.model.teacher_config)
     clock.log(f"teacher ready: {T.parameter_count(mp) / 1e6:.2f}M parameters, {T.describe(mp.model.teacher_config)}; "
               f"sha256 {teacher_sha[:16]}…")

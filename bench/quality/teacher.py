@@ -330,6 +330,11 @@ def read_teacher_config(path: str | os.PathLike) -> dict:
     return doc
 
 
+def weights_file(path: Path, doc: dict) -> Path:
+    """The weights of a teacher folder (teacher.json's `weights`, relative to it) or the file itself."""
+    return path if path.is_file() else path / doc.get("weights", WEIGHTS_NAME)
+
+
 def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, load_device=None):
     """(ModelPatcher, teacher.json dict) from a folder written by save_teacher (or its
     teacher.safetensors). Weights are cast to `dtype`; the load is strict."""
@@ -337,7 +342,7 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lo
 
     path = Path(path)
     doc = read_teacher_config(path)
-    weights = path if path.is_file() else path / doc.get("weights", WEIGHTS_NAME)
+    weights = weights_file(path, doc)
     mp = build_teacher(doc["config"], dtype=dtype, init=False, load_device=load_device)
     sd = load_file(str(weights))
     with torch.inference_mode(False), torch.no_grad():
