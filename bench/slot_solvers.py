@@ -49,15 +49,15 @@ def every_timestep_slots(steps: int, num_timesteps: int = 1000, stride: int = 1)
 def load_teacher(kind: str, count: int, seed: int):
     """(model, positive, negative, noise, description) for `count` trajectories."""
     from bench import perf
-    from comfy_rapm import host
+    from comfy_rapm import conditioning, host
     if kind == "demo":
         from comfy_rapm import emoji, storage
         info = storage.read_json(REPO / "demo" / emoji.TEACHER_JSON)
         model, clip, _ = emoji.load_teacher(REPO / "demo")
         prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(count)]
         with torch.inference_mode():
-            positive = host.stack_conditioning([host.encode_text(clip, p) for p in prompts])
-            negative = host.stack_conditioning([host.encode_text(clip, "")] * count)
+            positive = conditioning.stack([host.encode_text(clip, p) for p in prompts])
+            negative = conditioning.stack([host.encode_text(clip, "")] * count)
         shape = (3, 32, 32)
         what = f"the built-in emoji demo teacher ({info['parameters'] / 1e6:.1f}M parameters, 32x32 pixels, MiniLM text)"
     else:

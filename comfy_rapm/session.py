@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, settings, trainer, training_unet, trajectories
+from . import conditioning, cuda_graphs as cuda_graphs_mod, host, lora as lora_mod, schedule, settings, trainer, training_unet, trajectories
 from .discriminator import Discriminators
 from .trajectories import TrajectorySet
 
@@ -60,8 +60,8 @@ def trajectory_batches(model, clip, spec: trajectories.Spec, latent_shape: tuple
         return encoded[text]
 
     def run_batch(prompts: list[str], seeds: list[int]) -> tuple[dict, dict]:
-        positive = host.stack_conditioning([encode(p) for p in prompts], "prompts")
-        negative = host.stack_conditioning([encode(spec.negative_prompt)] * len(seeds), "negative_prompt")
+        positive = conditioning.stack([encode(p) for p in prompts], "prompts")
+        negative = conditioning.stack([encode(spec.negative_prompt)] * len(seeds), "negative_prompt")
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + tuple(latent_shape)), s) for s in seeds])
         return trajectory_shard(model, positive, negative, noise, slots, spec.cfg, on_step, spec.solver)
     return run_batch
@@ -94,19 +94,19 @@ class Session:
         def body(denoiser):
             device = denoiser.device
             lora.to(device)
-            conditioning = lambda i: denoiser.prepare(data[i].positive, data[i].negative)  # noqa: E731
+            conditioning_of = lambda i: denoiser.prepare(data[i].positive, data[i].negative)  # noqa: E731
             features = (lambda x, s, c: tap(denoiser, x, s, c)) if tap else None
             with training_unet.rewired(host.module_root(self.student), host.unet(self.student), self.dtype, lora, tap,
                                        config, self.student_graphs, host.interrupted_types()) as graphs:
-                discriminators = (self._discriminators(features, conditioning, denoiser.model_sampling, device, graphs)
+                discriminators = (self._discriminators(features, conditioning_of, denoiser.model_sampling, device, graphs)
                                   if tap else None)
 
                 def paired_conditioning(i, j):  # trajectory i's and j's conditioning as one batch of 2
-                    return denoiser.prepare(host.stack_conditioning([data[i].positive, data[j].positive]),
-                                            host.stack_conditioning([data[i].negative, data[j].negative]),
+                    return denoiser.prepare(conditioning.stack([data[i].positive, data[j].positive]),
+                                            conditioning.stack([data[i].negative, data[j].negative]),
                                             (2,) + self.latent_shape)
                 tr = trainer.Trainer(
-                    config, trainer.TrainingData([t.positions for t in data], conditioning, self.set.timesteps, self.set.cfg,
+                    config, trainer.TrainingData([t.positions for t in data], conditioning_of, self.set.timesteps, self.set.cfg,
                                                  paired_conditioning),
                     denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                     features, device)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from headless import tiny_models
-from comfy_rapm import host, session, trajectories
+from comfy_rapm import conditioning, host, session, trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY_DIR = ROOT / "bench" / "quality"
@@ -33,8 +33,8 @@ def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps
     slots = spec.slots()
 
     def run_batch(batch_prompts, seeds):
-        positive = host.stack_conditioning([conds[names.index(p)] for p in batch_prompts])
-        neg = host.stack_conditioning([negative] * len(seeds))
+        positive = conditioning.stack([conds[names.index(p)] for p in batch_prompts])
+        neg = conditioning.stack([negative] * len(seeds))
         noise = torch.cat([host.prepare_noise(torch.zeros((1,) + shape), s) for s in seeds])
         return session.trajectory_shard(model, positive, neg, noise, slots, cfg)
 

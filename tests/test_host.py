@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from headless import tiny_models
-from comfy_rapm import lora as lora_mod, training_unet
+from comfy_rapm import conditioning, lora as lora_mod, training_unet
 
 
 def _load_checkpoint_like_the_executor(host, tmp_path):
@@ -127,15 +127,14 @@ def test_the_lora_in_bypass_form_equals_the_stock_loader_merging_its_file(host, 
 
 
 def test_sdxl_style_conditioning_with_pooled_output_and_size(host):
-    from comfy_rapm import host as h
     model = tiny_models.make_model_patcher("sdxl")
     a, b = tiny_models.make_conditioning("sdxl", seed=1), tiny_models.make_conditioning("sdxl", seed=2)
-    stacked = h.stack_conditioning([a, b])
+    stacked = conditioning.stack([a, b])
     assert stacked[0][0].shape[0] == 2 and stacked[0][1]["pooled_output"].shape == (2, 1280)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([2.0, 2.0])
     with torch.inference_mode():
-        both = _denoise_once(model, stacked, h.stack_conditioning([b, b]), x, sigma, cfg=1.0)
+        both = _denoise_once(model, stacked, conditioning.stack([b, b]), x, sigma, cfg=1.0)
         first = _denoise_once(model, a, b, x[:1], sigma[:1], cfg=1.0)
         second = _denoise_once(model, b, b, x[1:], sigma[1:], cfg=1.0)
         other_pool = [[a[0][0], dict(a[0][1], pooled_output=torch.zeros(1, 1280))]]

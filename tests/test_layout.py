@@ -8,7 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["schedule", "solver", "sampler", "trajectories", "lora", "discriminator", "losses", "trainer", "storage", "emoji",
         "presets", "training_unet", "reference",
-        "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed", "shared_store", "checkpoints", "journals", "convolutions", "settings"]
+        "progress", "errors", "cuda_graphs", "optim", "lora_file", "distributed", "shared_store", "checkpoints", "journals", "convolutions", "settings",
+        "conditioning"]
 
 
 def test_core_imports_without_comfyui():
