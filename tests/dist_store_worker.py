@@ -5,7 +5,7 @@ bytes for the same shard.
     WORLD_SIZE=2 RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=P python tests/dist_store_worker.py FOLDER SCENARIO TIMEOUT
 
 Scenarios: "ok"; "slow" (rank 1 stalls 60 s after its first shard); "fail" (rank 1 raises on its first
-shard while rank 0's batches take 2 s); "other-cfg" (the same set asked for with another cfg). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
+shard once rank 0 is inside its first batch, which ends when rank 1's stop marker is there); "other-cfg" (the same set asked for with another cfg). Prints one JSON line {"rank", "ok", "error"} and exits 0 when its own part succeeded."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,12 @@ def run_batch(prompts, seeds):
     return tensors, {"positive_extra": [{}] * n, "negative_extra": [{}] * n}
 
 
+def _wait_for(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def main() -> int:
     folder, scenario, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
     import torch.distributed as dist
@@ -49,10 +55,13 @@ def main() -> int:
         calls.append(seeds)
         if rank == 1 and scenario == "slow" and len(calls) == 2:
             time.sleep(60)
-        if rank == 1 and scenario == "fail":
-            raise ValueError("boom on rank 1")
-        if rank == 0 and scenario == "fail":
-            time.sleep(2.0)  # rank 1 fails meanwhile: rank 0 stops after this batch
+        if scenario == "fail":  # rank 1 fails while rank 0 is inside its first batch, whatever the machine's load
+            started = Path(folder + ".rank0-in-batch")
+            if rank == 1:
+                _wait_for(lambda: started.exists())
+                raise ValueError("boom on rank 1")
+            started.touch()
+            _wait_for(lambda: any((Path(folder) / "journals").glob("*.stop")))  # rank 1's stop marker
         return run_batch(prompts, seeds)
 
     result = {"rank": rank, "ok": True, "error": ""}
