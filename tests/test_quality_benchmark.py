@@ -223,6 +223,28 @@ def test_benchmark_miniature_over_calls(mods, quality_mini, tmp_path):
     from PIL import Image
     with Image.open(out / "quality_grid.png") as im:
         assert im.height == 2 + (len(rb.ROWS) + 1) * (32 + 2)  # a line for the real images and one per row
+    assert report["matched"]["iterations"] == 4  # every run at 4: the main rows are the matched ones
+    assert report["matched"]["rows"]["rapm_4"]["fd_heldout"] == report["rows"]["rapm_4"]["fd_heldout"]
+
+    # one ablation that stopped at 2 (a slower run at a call's end): the others are scored again at 2
+    (work / "students" / "relative_only_4" / "lora_4.safetensors").unlink()
+    assert rb.main(common + ["--ignore-headroom", "--iterations", "4", "--finish"]) == 0  # nothing left to train
+    report = json.loads((out / "quality.json").read_text())
+    matched = report["matched"]
+    assert matched["iterations"] == 2 and set(matched["rows"]) == {"rapm_4", *rb.ABLATIONS}
+    assert all(r["iterations"] == 2 for r in matched["rows"].values())
+    assert (work / "rows" / "rapm_4_at2.json").is_file() and not (work / "rows" / "relative_only_4_at2.json").exists()
+    assert matched["rows"]["relative_only_4"]["fd_heldout"] == report["rows"]["relative_only_4"]["fd_heldout"]
+    assert "each at 2 iterations" in report["goals"]["rapm_4_better_than_huber_only_4"]["goal"]
+    gap = (matched["rows"]["huber_only_4"]["fd_heldout_ci"][0] - matched["rows"]["rapm_4"]["fd_heldout_ci"][1])
+    assert report["goals"]["rapm_4_better_than_huber_only_4"]["value"] == gap
+
+
+def test_matched_iteration_is_the_most_all_runs_reached(mods):
+    m = mods["run_benchmark"].matched_iteration
+    assert m({"a": {1000: 0, 2000: 0, 2500: 0}, "b": {1000: 0, 2000: 0, 3000: 0, 3100: 0}}) == 2000
+    assert m({"a": {1000: 0}, "b": {}}) is None  # one run with LoRAs: nothing to compare
+    assert m({"a": {1500: 0}, "b": {1000: 0}}) is None
 
 
 def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom(mods, quality_mini, tmp_path):

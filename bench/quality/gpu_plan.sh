@@ -49,8 +49,11 @@ export PYTHONPATH="$Q/site${QUALITY_IMPORT_GUARD:+:$ROOT/bench/quality/gpu_guard
 
 # The students: RAPM 4 and 2 steps and the three ablations, all at RAPMTrain's defaults (the learning rates searched
 # on 2026-12-02 did no better on training prompts: bench/quality/README.md), and one more candidate for RAPM 4, a
-# stronger adversarial term, ranked on training prompts only. Every call must name the same.
-STUDENTS=(--runs rapm_4,rapm_2,absolute_only_4,relative_only_4,huber_only_4 --search "adv0.3:adversarial_weight=0.3")
+# stronger adversarial term, ranked on training prompts only. RUNS and SEARCH replace them (SEARCH= for none; the
+# long run: RUNS=rapm_4,absolute_only_4 SEARCH=). Every call of a session must name the same.
+STUDENTS=(--runs "${RUNS:-rapm_4,rapm_2,absolute_only_4,relative_only_4,huber_only_4}")
+SEARCH=${SEARCH-adv0.3:adversarial_weight=0.3}
+[ -n "$SEARCH" ] && STUDENTS+=(--search "$SEARCH")
 COMMON=(--data "${DATA:-$Q/data}" --work "$Q/work" --out "$OUT/q")
 TEACHER=${TEACHER:-$ROOT/bench/quality/weights}
 [ "$TEACHER" != train ] && COMMON+=(--teacher "$TEACHER")

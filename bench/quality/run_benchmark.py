@@ -620,13 +620,14 @@ def run_stages(c: dict) -> int:
 def score_reserve(c: dict) -> float:
     """Seconds the scoring of the students will take: each student row costs about what the teacher's DDIM-4 row
     did here (sampling is a few steps; the metrics dominate), a search row (training prompts, no interval) and an
-    FD-curve point (held-out, no interval) about half of it; up to 4 new curve points."""
+    FD-curve point (held-out, no interval) about half of it; up to 4 new curve points; RAPM-4 and the ablations at
+    equal iterations (held-out only) most of a row each."""
     doc = c["store"].get(f"teacher_ddim_4_cfg{c['chosen_cfg']:g}",
                          dict(c["eval_key"], row="teacher_ddim_4", spec=ROWS["teacher_ddim_4"], cfg=c["chosen_cfg"]))
     per_row = float(doc["seconds"]) if doc else 30.0
     search = sum(1 for name in c["runs"] if name.startswith("search_"))
     main_rows = len(c["runs"]) - search
-    return 30 + 1.3 * per_row * (main_rows + 0.5 * search + 0.5 * 4)
+    return 30 + 1.3 * per_row * (main_rows + 0.5 * search + 0.5 * 4 + 0.7 * (1 + len(ABLATIONS)))
 
 
 def score_students(c: dict) -> None:
@@ -667,6 +668,46 @@ def score_students(c: dict) -> None:
                     storage.write_json(curve_file, curve_cache)
                     clock.log(f"  {name} @ {it}: FD held-out {curve_cache[ck]:.2f}")
                 c.setdefault("curve", {})[it] = curve_cache[ck]
+    score_matched(c, reference)
+
+
+def matched_iteration(loras: dict[str, dict[int, Path]]) -> int | None:
+    """The most iterations at which every run in `loras` ({run: {iteration: file}}) has a LoRA; None when no
+    iteration is common (or fewer than two runs have one)."""
+    sets = [set(v) for v in loras.values() if v]
+    if len(sets) < 2:
+        return None
+    common = set.intersection(*sets)
+    return max(common) if common else None
+
+
+def score_matched(c: dict, reference: torch.Tensor) -> None:
+    """RAPM-4 and the ablations at equal iterations: each call's end leaves runs at different counts (they run side by
+    side at different speeds), so the ablation goals compare the LoRAs of the most iterations all of them reached
+    (chunks end on multiples of --curve-every). WORK/matched.json names the rows."""
+    from comfy_rapm import host, storage
+    from safetensors.torch import load_file
+    work, store, mp = c["work"], c["store"], c["mp"]
+    names = {key: run_name(key, c["settings"]) for key in ("rapm_4",) + ABLATIONS if run_name(key, c["settings"]) in c["runs"]}
+    loras = {key: student_loras(work, name) for key, name in names.items()}
+    k = matched_iteration(loras) if "rapm_4" in names else None
+    if k is None:
+        return
+    files = {}
+    for key, name in names.items():
+        if not loras[key]:
+            continue
+        if k == max(loras[key]):
+            files[key] = name  # its main row
+            continue
+        sha = storage.sha256_file(loras[key][k])
+        spec = ROWS[key]
+        row_key = dict(c["eval_key"], row=name, lora=sha, spec=spec, trajectory_cfg=c["chosen_cfg"])
+        files[key] = f"{name}_at{k}"
+        score_row(store, c["ev"], files[key], row_key, host.apply_lora(mp, load_file(str(loras[key][k]))), spec, 1.0,
+                  c["clock"], sets=("heldout",), reference=reference,
+                  extra={"iterations": k, "settings": c["settings"], "lora_sha256": sha})
+    storage.write_json(work / "matched.json", {"iterations": k, "files": files})
 
 
 def publish_teacher(folder: Path, dest: Path, part_bytes: int = 15 * 2 ** 20) -> None:
@@ -745,6 +786,13 @@ def collect(c: dict) -> dict:
     if report["search"]:
         best = min(report["search"], key=lambda k: report["search"][k]["fd_train"])
         report["search_best_on_training_prompts"] = best
+    matched_file = c["work"] / "matched.json"
+    if matched_file.exists():
+        m = json.loads(matched_file.read_text())
+        docs = {key: _latest_student_doc(store, file) for key, file in m["files"].items()}
+        report["matched"] = {"iterations": m["iterations"], "rows": {
+            key: {k: d.get(k) for k in ("fd_heldout", "fd_heldout_ci", "kid_heldout", "rmse_to_teacher_100", "iterations")}
+            for key, d in docs.items() if d is not None}}
     report["complete"] = not report["missing"]
     report["goals"] = goals(report)
     return report
@@ -774,11 +822,15 @@ def goals(report: dict) -> dict:
     if "rapm_2" in fd and best_free:
         v = fd["rapm_2"] / free[best_free]
         out["rapm_2_vs_best_free_4"] = {"value": v, "goal": f"≤ 1 ({best_free})", "met": v <= 1.0}
+    matched = report.get("matched") or {}
+    if matched:  # the ablations at the iterations every one of them and RAPM-4 reached
+        ci = {k: r["fd_heldout_ci"] for k, r in matched["rows"].items()}
+    at = f", each at {matched['iterations']} iterations" if matched else ", each at its last iteration"
     for ab in ABLATIONS:
-        if "rapm_4" in fd and ab in fd:
+        if "rapm_4" in ci and ab in ci:
             gap = ci[ab][0] - ci["rapm_4"][1]
-            out[f"rapm_4_better_than_{ab}"] = {"value": gap, "goal": "> 0 (its interval's low end above RAPM-4's high end)",
-                                               "met": gap > 0}
+            out[f"rapm_4_better_than_{ab}"] = {"value": gap, "met": gap > 0,
+                                               "goal": f"> 0 (its interval's low end above RAPM-4's high end{at})"}
     curve = [p["fd_heldout"] for p in report.get("curve", [])]
     if len(curve) >= 3:
         swings = [abs(b - a) / a for a, b in zip(curve, curve[1:])]
@@ -818,6 +870,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"Students: RAPMTrain at {s['settings']} ({s['note']})."]
     if report["curve"]:
         lines += ["", "FD curve (rapm_4, held-out): " + ", ".join(f"{p['iteration']}: {p['fd_heldout']:.2f}" for p in report["curve"])]
+    if report.get("matched"):
+        m = report["matched"]
+        lines += ["", f"At equal iterations ({m['iterations']} each; the ablation goals use these): " + ", ".join(
+            f"{k} {r['fd_heldout']:.2f} [{r['fd_heldout_ci'][0]:.1f}, {r['fd_heldout_ci'][1]:.1f}]" for k, r in m["rows"].items())]
     if report["search"]:
         lines += ["", "Settings search (rapm_4, training prompts only): " + ", ".join(
             f"{k} {v['fd_train']:.2f} @ {v['iterations']} it" for k, v in report["search"].items())
