@@ -3,7 +3,7 @@
 #   bash bench/quality/gpu_plan.sh 0    carry .data/carry: unpack the data and the ComfyUI tree (a new machine)
 #   bash bench/quality/gpu_plan.sh 2    carry .whl: teacher rows, trajectories, then the students until the budget
 #   bash bench/quality/gpu_plan.sh 3    carry .whl: the students go on until the budget (as often as time allows)
-#   bash bench/quality/gpu_plan.sh 4    carry .whl: the students until the scoring reserve, then every score
+#   bash bench/quality/gpu_plan.sh 4    carry .whl: the students until the scoring reserve, every score, trajectory_fit.py
 #   bash bench/quality/gpu_plan.sh 1    carry .data/carry, TEACHER=train only: unpack, then train a new teacher (~8 min)
 #   bash bench/quality/gpu_plan.sh N ARG…   extra run_benchmark.py arguments (stage_carry.py --verify adds --cpu-smoke)
 # The teacher is the committed one (bench/quality/weights/, 32 px, sha256 cf81d7ba…) unless TEACHER names another
@@ -63,8 +63,25 @@ case "$call" in
     1) if [ "$TEACHER" != train ]; then echo "[plan] the teacher is $TEACHER: nothing to train (TEACHER=train trains one)"; exit 0; fi
        args=(--budget-seconds 520 --until teacher) ;;
     2|3) args=(--budget-seconds 540 "${STUDENTS[@]}") ;;
-    4) args=(--budget-seconds 480 "${STUDENTS[@]}" --finish) ;;
+    4) args=(--budget-seconds "$([ "${FIT:-1}" = 1 ] && echo 360 || echo 480)" "${STUDENTS[@]}" --finish) ;;
     *) echo "[plan] unknown call $call (0, 1, 2, 3 or 4)"; exit 2 ;;
 esac
 echo "[plan] call $call: $PY bench/quality/run_benchmark.py ${COMMON[*]} ${args[*]} $*"
 "$PY" bench/quality/run_benchmark.py "${COMMON[@]}" "${args[@]}" "$@" 2>&1 | tee "$OUT/call$call.log"
+rc=${PIPESTATUS[0]}
+# Call 4 ends with trajectory_fit.py on the 4-step rows' last LoRAs (FIT=0: not; ~2 min at FIT_COUNT=500): seen
+# trajectories vs new noise vs held-out prompts says whether a student memorised its trajectories or cannot follow them.
+if [ "$call" = 4 ] && [ "${FIT:-1}" = 1 ] && [ "$rc" = 0 ]; then
+    loras=()
+    for dir in "$Q"/work/students/*/; do
+        case $(basename "$dir") in rapm_2*|search_*) continue ;; esac  # 4-step rows only; no held-out number for a search run
+        last=$(ls "$dir" | sed -n 's/^lora_\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1)
+        [ -n "$last" ] && loras+=(--lora "$(basename "$dir")@$last=${dir}lora_$last.safetensors")
+    done
+    fit=(--data "${DATA:-$Q/data}" --teacher "$([ "$TEACHER" = train ] && echo "$Q/work/teacher" || echo "$TEACHER")"
+         --cfg 6 --count "${FIT_COUNT:-500}" --work "$Q/fit" --out "$OUT/q/trajectory_fit.json" "${loras[@]}")
+    echo "[plan] $PY bench/quality/trajectory_fit.py ${fit[*]}" | tee -a "$OUT/call$call.log"
+    "$PY" bench/quality/trajectory_fit.py "${fit[@]}" 2>&1 | tee -a "$OUT/call$call.log"
+    rc=${PIPESTATUS[0]}
+fi
+exit "$rc"

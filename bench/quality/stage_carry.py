@@ -161,7 +161,7 @@ def sizes() -> bool:
 def verify(q: Path) -> int:
     """bench/quality/gpu_plan.sh's calls with --cpu-smoke, from the staged files, under the GPU import guard."""
     env = dict(os.environ, Q=str(q), OUT=str(q / "out"), PYTHON=sys.executable, QUALITY_IMPORT_GUARD="1",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", FIT_COUNT="2")
     env.pop("COMFYUI_PATH", None)
     for call in ("1", "2", "4"):  # 1: unpack (the teacher is committed), 2: rows and students, 4: the scores
         t0 = time.perf_counter()
@@ -175,6 +175,12 @@ def verify(q: Path) -> int:
     report = json.loads((q / "out" / "q" / "quality.json").read_text())
     log(f"quality.json: {len(report['rows'])} rows, missing {report['missing'] or 'none'}; files in {q / 'out'}: "
         + ", ".join(str(p.relative_to(q / 'out')) for p in sorted((q / 'out').rglob('*')) if p.is_file()))
+    fit = q / "out" / "q" / "trajectory_fit.json"
+    if not fit.is_file():
+        log("call 4 wrote no trajectory_fit.json")
+        return 1
+    models = json.loads(fit.read_text())["sets"]["seen"]["models"]
+    log(f"trajectory_fit.json: {', '.join(models)}")
     return 0 if not report["missing"] else 1
 
 
