@@ -223,6 +223,11 @@ def test_benchmark_miniature_over_calls(mods, quality_mini, tmp_path):
     from PIL import Image
     with Image.open(out / "quality_grid.png") as im:
         assert im.height == 2 + (len(rb.ROWS) + 1) * (32 + 2)  # a line for the real images and one per row
+    assert "curve_fit" not in report  # two curve points: too few to fit
+    written = (out / "quality.md").read_text()
+    assert rb.main(["--rerender", str(out / "quality.json")]) == 0
+    assert (out / "quality.md").read_text() == written and json.loads((out / "quality.json").read_text()) == report
+    assert all("equivalent_ddim_steps" in report["rows"][k] for k in rb.STUDENTS)
     assert report["matched"]["iterations"] == 4  # every run at 4: the main rows are the matched ones
     assert report["matched"]["rows"]["rapm_4"]["fd_heldout"] == report["rows"]["rapm_4"]["fd_heldout"]
 
@@ -245,6 +250,19 @@ def test_matched_iteration_is_the_most_all_runs_reached(mods):
     assert m({"a": {1000: 0, 2000: 0, 2500: 0}, "b": {1000: 0, 2000: 0, 3000: 0, 3100: 0}}) == 2000
     assert m({"a": {1000: 0}, "b": {}}) is None  # one run with LoRAs: nothing to compare
     assert m({"a": {1500: 0}, "b": {1000: 0}}) is None
+
+
+def test_equivalent_ddim_steps_and_curve_fit(mods):
+    rb = mods["run_benchmark"]
+    ladder = {4: 118.85, 8: 84.85, 16: 70.56, 32: 62.26, 100: 56.64}
+    assert rb.equivalent_ddim_steps(84.85, ladder) == pytest.approx(8)
+    assert rb.equivalent_ddim_steps(81.63, ladder) == pytest.approx(9.35, abs=0.01)  # the 2026-12-02 RAPM-4
+    assert rb.equivalent_ddim_steps(77.705, ladder) == pytest.approx(16 ** 0.5 * 8 ** 0.5 * 1.0, rel=1e-6)
+    assert rb.equivalent_ddim_steps(50.0, ladder) is None and rb.equivalent_ddim_steps(130.0, ladder) is None
+    points = [(k, 70.0 + 20000.0 / k) for k in (1000, 2000, 4000)]
+    fit = rb.curve_fit(points, 20000)
+    assert fit["asymptote"] == pytest.approx(70.0) and fit["fd_at"] == pytest.approx(71.0)
+    assert fit["max_residual"] < 1e-9 and rb.curve_fit(points[:2], 20000) is None
 
 
 def test_teacher_sweep_trains_candidates_side_by_side_then_checks_their_headroom(mods, quality_mini, tmp_path):

@@ -7,6 +7,7 @@
     → OUT/quality.json, quality.md, quality_grid.png
 
     python3 bench/quality/run_benchmark.py --data DATA --work WORK --out OUT --budget-seconds 560 [--until STAGE] [--finish]
+    python3 bench/quality/run_benchmark.py --rerender OUT/quality.json   # its derived fields and quality.md again
 
 Every stage keeps what it made in WORK and skips what is already there, so one command repeated over
 device calls (same WORK) continues where the last call stopped: the teacher resumes from its checkpoint,
@@ -445,6 +446,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--worker" in argv:
         return worker(argv)
+    if argv[:1] == ["--rerender"]:  # --rerender OUT/quality.json
+        return rerender(Path(argv[1]))
     args = _parser().parse_args(argv)
     if args.cpu_smoke:
         args.cpu = True
@@ -794,13 +797,62 @@ def collect(c: dict) -> dict:
             key: {k: d.get(k) for k in ("fd_heldout", "fd_heldout_ci", "kid_heldout", "rmse_to_teacher_100", "iterations")}
             for key, d in docs.items() if d is not None}}
     report["complete"] = not report["missing"]
+    return derive(report)
+
+
+def derive(report: dict) -> dict:
+    """What follows from the scored rows alone: each student's equivalent DDIM steps, the curve fit, the goals."""
+    ladder = {ROWS[k]["steps"]: report["rows"][k]["fd_heldout"] for k in DDIM_LADDER if k in report["rows"]}
+    for key in STUDENTS:
+        if key in report["rows"]:
+            report["rows"][key]["equivalent_ddim_steps"] = equivalent_ddim_steps(report["rows"][key]["fd_heldout"], ladder)
+    fit = curve_fit([(p["iteration"], p["fd_heldout"]) for p in report["curve"]],
+                    int(report["students"]["node_defaults"]["iterations"]))
+    if fit:
+        report["curve_fit"] = fit
     report["goals"] = goals(report)
     return report
+
+
+def rerender(path: Path) -> int:
+    """quality.json's derived fields and quality.md again from its rows (after this file's derivations change)."""
+    report = derive(json.loads(path.read_text()))
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    tmp.replace(path)
+    (path.parent / "quality.md").write_text(markdown(report))
+    return 0
 
 
 def _latest_student_doc(store: RowStore, name: str):
     f = store.folder / f"{name}.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+DDIM_LADDER = ("teacher_ddim_4", "teacher_ddim_8", "teacher_ddim_16", "teacher_ddim_32", "teacher_ddim_100")
+
+
+def equivalent_ddim_steps(fd: float, ladder: dict[int, float]) -> float | None:
+    """The teacher DDIM step count whose FD equals `fd`: linear in log(steps) between the two ladder rungs around it
+    ({steps: FD}, FD falling with steps); None outside the ladder (better than its best or worse than its worst)."""
+    import math
+    rungs = sorted(ladder.items())
+    for (s0, f0), (s1, f1) in zip(rungs, rungs[1:]):
+        if f1 <= fd <= f0 and f0 > f1:
+            return 2 ** (math.log2(s0) + (f0 - fd) / (f0 - f1) * (math.log2(s1) - math.log2(s0)))
+    return None
+
+
+def curve_fit(points: list[tuple[int, float]], at: int) -> dict | None:
+    """Least squares FD = a + b / k over the curve's (iteration, FD) points: the asymptote a, the value at `at`
+    iterations and the worst residual. An extrapolation to read beside the measured curve, not a measurement."""
+    if len(points) < 3:
+        return None
+    k = np.array([p[0] for p in points], dtype=float)
+    f = np.array([p[1] for p in points], dtype=float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(k), 1 / k], 1), f, rcond=None)
+    return {"asymptote": float(a), "b": float(b), "at_iterations": at, "fd_at": float(a + b / at),
+            "max_residual": float(np.abs(a + b / k - f).max())}
 
 
 def goals(report: dict) -> dict:
@@ -868,8 +920,16 @@ def markdown(report: dict) -> str:
               f"Real held-out vs real training images: FD {ref['real_heldout_vs_real_train_fd']:.2f}."]
     s = report["students"]
     lines += ["", f"Students: RAPMTrain at {s['settings']} ({s['note']})."]
+    steps = {k: r["equivalent_ddim_steps"] for k, r in report["rows"].items() if r.get("equivalent_ddim_steps")}
+    if steps:
+        lines += ["", "Student steps = teacher DDIM steps of the same held-out FD (log-steps between the DDIM rows): " + ", ".join(
+            f"{k} ≈ DDIM-{v:.1f}" for k, v in steps.items())]
     if report["curve"]:
         lines += ["", "FD curve (rapm_4, held-out): " + ", ".join(f"{p['iteration']}: {p['fd_heldout']:.2f}" for p in report["curve"])]
+    if report.get("curve_fit"):
+        f = report["curve_fit"]
+        lines += ["", f"Curve fit (least squares FD = a + b/k; an extrapolation): a = {f['asymptote']:.2f}, "
+                  f"{f['fd_at']:.2f} at {f['at_iterations']} iterations, worst residual {f['max_residual']:.2f}"]
     if report.get("matched"):
         m = report["matched"]
         lines += ["", f"At equal iterations ({m['iterations']} each; the ablation goals use these): " + ", ".join(
