@@ -30,7 +30,7 @@ ROW_KEYS = ("fd_heldout", "fd_heldout_ci", "kid_heldout", "rmse_to_teacher_100",
 @pytest.fixture(scope="module")
 def mods(host):
     return {name: importlib.import_module(name) for name in ("teacher", "eval", "train_teacher", "dataset", "fidelity",
-                                                              "pack", "run_benchmark")}
+                                                              "pack", "run_benchmark", "quality_report")}
 
 
 def test_space_to_depth_teacher_is_a_comfyui_model_of_64px_images(mods):
@@ -253,7 +253,7 @@ def test_matched_iteration_is_the_most_all_runs_reached(mods):
 
 
 def test_equivalent_ddim_steps_and_curve_fit(mods):
-    rb = mods["run_benchmark"]
+    rb = mods["quality_report"]
     ladder = {4: 118.85, 8: 84.85, 16: 70.56, 32: 62.26, 100: 56.64}
     assert rb.equivalent_ddim_steps(84.85, ladder) == pytest.approx(8)
     assert rb.equivalent_ddim_steps(81.63, ladder) == pytest.approx(9.35, abs=0.01)  # the 2026-12-02 RAPM-4
