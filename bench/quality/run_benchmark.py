@@ -674,6 +674,7 @@ def score_matched(c: dict, reference: torch.Tensor) -> None:
     loras = {key: student_loras(work, name) for key, name in names.items()}
     k = matched_iteration(loras) if "rapm_4" in names else None
     if k is None:
+        (work / "matched.json").unlink(missing_ok=True)  # no stale comparison from an earlier call's runs
         return
     files = {}
     for key, name in names.items():
