@@ -32,7 +32,7 @@ STUDENTS = tuple(k for k, v in ROWS.items() if v["kind"] == "student")
 ABLATIONS = ("absolute_only_4", "relative_only_4", "huber_only_4")
 HEADROOM_GOAL = 1.5
 
-DDIM_LADDER = ("teacher_ddim_4", "teacher_ddim_8", "teacher_ddim_16", "teacher_ddim_32", "teacher_ddim_100")
+DDIM_LADDER = tuple(k for k, v in ROWS.items() if v["kind"] == "ddim")  # the teacher's DDIM rows, any step order
 
 
 def equivalent_ddim_steps(fd: float, ladder: dict[int, float]) -> float | None:
@@ -163,11 +163,15 @@ def derive(report: dict) -> dict:
     return report
 
 
+def write(report: dict, folder: Path) -> None:
+    """FOLDER/quality.json (atomically) and quality.md."""
+    tmp = folder / ".quality.json.tmp"  # not storage.write_json: it sorts keys, and the rows keep the table's order
+    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    tmp.replace(folder / "quality.json")
+    (folder / "quality.md").write_text(markdown(report))
+
+
 def rerender(path: Path) -> int:
     """quality.json's derived fields and quality.md again from its rows (after this file's derivations change)."""
-    report = derive(json.loads(path.read_text()))
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    tmp.replace(path)
-    (path.parent / "quality.md").write_text(markdown(report))
+    write(derive(json.loads(path.read_text())), path.parent)
     return 0

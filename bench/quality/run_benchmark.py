@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import teacher as T  # noqa: E402  (imports no ComfyUI until T.comfy_init)
-from quality_report import ABLATIONS, HEADROOM_GOAL, HEADROOM_ROWS, REFERENCE, ROWS, STUDENTS, derive, markdown, rerender  # noqa: E402
+from quality_report import ABLATIONS, HEADROOM_GOAL, HEADROOM_ROWS, REFERENCE, ROWS, STUDENTS, derive, rerender, write  # noqa: E402
 
 STAGES = ("teacher", "headroom", "rows", "trajectories", "students")
 EXIT_TEACHER_UNFINISHED, EXIT_NO_HEADROOM = 3, 4
@@ -626,17 +626,14 @@ def score_students(c: dict) -> None:
             clock.log(f"{name}: no LoRA yet (not trained)")
             continue
         last = max(loras)
-        sha = storage.sha256_file(loras[last])
         key = name.split("__")[0]
         spec = dict(ROWS.get(key, {"kind": "student", "steps": steps, "mode": "rapm"}))
         extra = {"iterations": last, "settings": c["settings"] if not name.startswith("search_") else name[7:],
-                 "inputs": inputs, "lora_sha256": sha}
-        student = host.apply_lora(mp, load_file(str(loras[last])))
-        row_key = dict(c["eval_key"], row=name, lora=sha, spec=spec, trajectory_cfg=cfg)
+                 "inputs": inputs}
         if name.startswith("search_"):  # ranked on training prompts only: no held-out number is made for them
-            score_row(store, ev, name, row_key, student, spec, 1.0, clock, sets=("train",), extra=extra)
+            score_student_file(c, name, name, spec, loras[last], ("train",), None, extra)
             continue
-        score_row(store, ev, name, row_key, student, spec, 1.0, clock, reference=reference, extra=extra)
+        student, sha = score_student_file(c, name, name, spec, loras[last], ("heldout", "train"), reference, extra)
         if key == "rapm_4":  # the FD curve: every --curve-every iterations and the last
             for it in sorted(loras):
                 if it % args.curve_every and it != last:
@@ -653,6 +650,18 @@ def score_students(c: dict) -> None:
     score_matched(c, reference)
 
 
+def score_student_file(c: dict, file: str, name: str, spec: dict, lora: Path, sets: tuple, reference, extra: dict):
+    """Row `file` of run `name` from one of its LoRA files (cached by the file's checksum): (the student, sha256)."""
+    from comfy_rapm import host, storage
+    from safetensors.torch import load_file
+    sha = storage.sha256_file(lora)
+    student = host.apply_lora(c["mp"], load_file(str(lora)))
+    row_key = dict(c["eval_key"], row=name, lora=sha, spec=spec, trajectory_cfg=c["chosen_cfg"])
+    score_row(c["store"], c["ev"], file, row_key, student, spec, 1.0, c["clock"], sets=sets, reference=reference,
+              extra=dict(extra, lora_sha256=sha))
+    return student, sha
+
+
 def matched_iteration(loras: dict[str, dict[int, Path]]) -> int | None:
     """The most iterations at which every run in `loras` ({run: {iteration: file}}) has a LoRA; None when no
     iteration is common (or fewer than two runs have one)."""
@@ -667,10 +676,10 @@ def score_matched(c: dict, reference: torch.Tensor) -> None:
     """RAPM-4 and the ablations at equal iterations: each call's end leaves runs at different counts (they run side by
     side at different speeds), so the ablation goals compare the LoRAs of the most iterations all of them reached
     (chunks end on multiples of --curve-every). WORK/matched.json names the rows."""
-    from comfy_rapm import host, storage
-    from safetensors.torch import load_file
-    work, store, mp = c["work"], c["store"], c["mp"]
-    names = {key: run_name(key, c["settings"]) for key in ("rapm_4",) + ABLATIONS if run_name(key, c["settings"]) in c["runs"]}
+    from comfy_rapm import storage
+    work = c["work"]
+    names = {key: run_name(key, c["settings"]) for key in ("rapm_4",) + ABLATIONS}
+    names = {key: name for key, name in names.items() if name in c["runs"]}
     loras = {key: student_loras(work, name) for key, name in names.items()}
     k = matched_iteration(loras) if "rapm_4" in names else None
     if k is None:
@@ -683,13 +692,9 @@ def score_matched(c: dict, reference: torch.Tensor) -> None:
         if k == max(loras[key]):
             files[key] = name  # its main row
             continue
-        sha = storage.sha256_file(loras[key][k])
-        spec = ROWS[key]
-        row_key = dict(c["eval_key"], row=name, lora=sha, spec=spec, trajectory_cfg=c["chosen_cfg"])
         files[key] = f"{name}_at{k}"
-        score_row(store, c["ev"], files[key], row_key, host.apply_lora(mp, load_file(str(loras[key][k]))), spec, 1.0,
-                  c["clock"], sets=("heldout",), reference=reference,
-                  extra={"iterations": k, "settings": c["settings"], "lora_sha256": sha})
+        score_student_file(c, files[key], name, ROWS[key], loras[key][k], ("heldout",), reference,
+                           {"iterations": k, "settings": c["settings"]})
     storage.write_json(work / "matched.json", {"iterations": k, "files": files})
 
 
@@ -790,10 +795,7 @@ def write_report(c: dict) -> None:
         return
     report = collect(c)
     out = c["out"]
-    tmp = out / ".quality.json.tmp"  # not storage.write_json: it sorts keys, and the rows keep the table's order
-    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    tmp.replace(out / "quality.json")
-    (out / "quality.md").write_text(markdown(report))
+    write(report, out)
     lines = []
     held = c["ev"].rows["heldout"]
     cols = np.unique(np.linspace(0, len(torch.unique(held)) - 1, GRID_COLUMNS).round().astype(int))
