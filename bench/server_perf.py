@@ -52,15 +52,17 @@ RATE = re.compile(r"(\d+(?:\.\d+)?) (?:s/(\w+)|(\w+)/s)")
 
 # --- 1. the checkpoint --------------------------------------------------------------------------------------------
 
-def write_checkpoint(kind: str, path: Path, seed: int = 0) -> None:
-    """In a CPU-only child process (no CUDA context beside the server's)."""
+def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None = None) -> None:
+    """In a CPU-only child process (no CUDA context beside the server's), with the host the server will run."""
+    from headless.comfy_host import find_comfyui
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from headless import tiny_models; from bench import perf; "
             "kind, path, seed = sys.argv[2], sys.argv[3], int(sys.argv[4]); "
             "tiny_models.make_sd15_checkpoint(path, seed, None if kind == 'tiny' else perf.UNET['sd15'])")
     if kind not in ("tiny", "sd15"):
         raise NotImplementedError(f"--model {kind}: only sd15 and tiny checkpoints are written so far (SDXL needs the "
                                   "CLIP-G text encoder's checkpoint keys)")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               COMFYUI_PATH=str(find_comfyui(comfyui)))
     res = subprocess.run([sys.executable, "-c", code, str(REPO), kind, str(path), str(seed)], env=env,
                          capture_output=True, text=True, timeout=900)
     if res.returncode:
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
         checkpoint = base_folder(root, args.model)
         t0 = time.monotonic()
         if not checkpoint.is_file():
-            write_checkpoint(args.model, checkpoint)
+            write_checkpoint(args.model, checkpoint, comfyui=args.comfyui)
         report["checkpoint"] = {"file": checkpoint.name, "bytes": checkpoint.stat().st_size, "write_seconds": time.monotonic() - t0}
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if args.cpu else {}
         report["stubs"] = stubs(root / "stubs") if args.stub_missing == "on" else []
