@@ -52,7 +52,7 @@ RATE = re.compile(r"(\d+(?:\.\d+)?) (?:s/(\w+)|(\w+)/s)")
 
 # --- 1. the checkpoint --------------------------------------------------------------------------------------------
 
-def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None = None) -> None:
+def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None = None, env: dict | None = None) -> None:
     """In a CPU-only child process (no CUDA context beside the server's), with the host the server will run."""
     from headless.comfy_host import find_comfyui
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from headless import tiny_models; from bench import perf; "
@@ -61,8 +61,8 @@ def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None =
     if kind not in ("tiny", "sd15"):
         raise NotImplementedError(f"--model {kind}: only sd15 and tiny checkpoints are written so far (SDXL needs the "
                                   "CLIP-G text encoder's checkpoint keys)")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               COMFYUI_PATH=str(find_comfyui(comfyui)))
+    env = dict(os.environ, **(env or {}), CUDA_VISIBLE_DEVICES="", COMFYUI_PATH=str(find_comfyui(comfyui)))
+    env.setdefault("OMP_NUM_THREADS", "1")
     res = subprocess.run([sys.executable, "-c", code, str(REPO), kind, str(path), str(seed)], env=env,
                          capture_output=True, text=True, timeout=900)
     if res.returncode:
@@ -78,7 +78,14 @@ def _importable(name: str) -> bool:
 
 STUB_MODULE = '''"""Stand-in written by bench/server_perf.py: this machine lacks the package, which only ComfyUI's start-up imports
 (video and audio types); the benchmarked workload never calls it."""
-class _Missing:
+class _MissingType(type):
+    def __getattr__(cls, name):  # enum-like constants read at import time (0.33's ColorTrc.BT709)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return cls.__name__ + "." + name
+
+
+class _Missing(metaclass=_MissingType):
     def __init__(self, *args, **kwargs):
         raise RuntimeError("a stand-in of a package missing on this machine (bench/server_perf.py --stub-missing)")
 
@@ -94,7 +101,8 @@ def stubs(folder: Path) -> list[str]:
     """Stand-ins for the packages the server's start-up imports but this machine lacks; returns their names."""
     made = []
     if not _importable("av"):
-        for module in ("av", "av/container", "av/subtitles", "av/subtitles/stream", "av/audio", "av/video"):
+        for module in ("av", "av/codec", "av/container", "av/subtitles", "av/subtitles/stream", "av/audio", "av/video",
+                       "av/video/reformatter"):
             (folder / module).mkdir(parents=True, exist_ok=True)
             (folder / module / "__init__.py").write_text(STUB_MODULE)
         made.append("av")
@@ -285,14 +293,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.work or tmp).resolve()
         checkpoint = base_folder(root, args.model)
-        t0 = time.monotonic()
-        if not checkpoint.is_file():
-            write_checkpoint(args.model, checkpoint, comfyui=args.comfyui)
-        report["checkpoint"] = {"file": checkpoint.name, "bytes": checkpoint.stat().st_size, "write_seconds": time.monotonic() - t0}
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if args.cpu else {}
         report["stubs"] = stubs(root / "stubs") if args.stub_missing == "on" else []
-        if report["stubs"]:
+        if report["stubs"]:  # the checkpoint writer boots the same host, so it needs them too
             env["PYTHONPATH"] = os.pathsep.join([str(root / "stubs")] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
+        t0 = time.monotonic()
+        if not checkpoint.is_file():
+            write_checkpoint(args.model, checkpoint, comfyui=args.comfyui, env=env)
+        report["checkpoint"] = {"file": checkpoint.name, "bytes": checkpoint.stat().st_size, "write_seconds": time.monotonic() - t0}
         server_args = ["--base-directory", str(root)] + (["--cpu"] if args.cpu else [])
         report["server_args"] = server_args
         log = root / "server.log"

