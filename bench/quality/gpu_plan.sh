@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The quality benchmark's GPU plan, one device call each (bench/quality/README.md, "The GPU plan"). From the repo root:
-#   bash bench/quality/gpu_plan.sh 0    carry .data/carry: unpack the data and the ComfyUI tree (a new machine)
-#   bash bench/quality/gpu_plan.sh 2    carry .whl: teacher rows, trajectories, then the students until the budget
-#   bash bench/quality/gpu_plan.sh 3    carry .whl: the students go on until the budget (as often as time allows)
-#   bash bench/quality/gpu_plan.sh 4    carry .whl: the students until the scoring reserve, every score, trajectory_fit.py
+#   bash bench/quality/gpu_plan.sh 2    carry .data/carry and .whl (a fresh machine: both fit, 61.7 MiB with the tree):
+#                                       unpack, teacher rows, trajectories, then the students until the budget
+#   bash bench/quality/gpu_plan.sh 3    carry nothing: the students go on until the budget (as often as time allows)
+#   bash bench/quality/gpu_plan.sh 4    carry nothing: the students until the scoring reserve, every score, trajectory_fit.py
+#   bash bench/quality/gpu_plan.sh 0    carry .data/carry: unpack only (before call 1)
+# Calls 3 and 4 need the machine call 2 warmed (it goes back 30 s after a call): issue each as soon as the last returns.
 #   bash bench/quality/gpu_plan.sh 1    carry .data/carry, TEACHER=train only: unpack, then train a new teacher (~8 min)
 #   bash bench/quality/gpu_plan.sh N ARG…   extra run_benchmark.py arguments (stage_carry.py --verify adds --cpu-smoke)
 # The teacher is the committed one (bench/quality/weights/, 32 px, sha256 cf81d7ba…) unless TEACHER names another

