@@ -18,7 +18,7 @@
 A device call carries at most 64 MiB with the working tree (the committed teacher's 20.6 MiB included): call 2 on a
 fresh machine carries .data/carry and .whl together, and calls 3 and 4 nothing (bench/quality/gpu_plan.sh; the warm
 machine keeps what call 2 unpacked and installed). The sizes are printed and checked. `--verify` then runs bench/quality/gpu_plan.sh's
-calls 1, 2 and 4 with --cpu-smoke on
+calls 2 (from an empty folder, as on a fresh machine) and 4 with --cpu-smoke on
 this CPU from the staged files alone: the ComfyUI tree from the tarball, the wheels installed with pip --target,
 and an import guard that refuses every third-party module the GPU image does not have (KINDS.md's list).
 
@@ -31,6 +31,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -163,7 +164,8 @@ def verify(q: Path) -> int:
     env = dict(os.environ, Q=str(q), OUT=str(q / "out"), PYTHON=sys.executable, QUALITY_IMPORT_GUARD="1",
                OMP_NUM_THREADS="1", FIT_COUNT="2")
     env.pop("COMFYUI_PATH", None)
-    for call in ("1", "2", "4"):  # 1: unpack (the teacher is committed), 2: rows and students, 4: the scores
+    shutil.rmtree(q, ignore_errors=True)  # a fresh machine: call 2 must unpack what it carries
+    for call in ("2", "4"):  # 2 on a fresh machine: unpack, rows and students; 4: the scores and the fit
         t0 = time.perf_counter()
         # the CPU is far slower than the GPU: the same stages need more than a device call budget here; a 3-step
         # teacher has no headroom (the check itself runs, then the calls go on)
