@@ -180,7 +180,7 @@ def test_training_lowers_the_four_step_error_against_the_teacher_endpoints(host,
     teacher = tiny_models.make_model_patcher("sd15", seed=5)
     tset = rapm_fixtures.make_trajectory_set(tmp_path / "set", teacher, count=6, steps=4, fine_steps=4, cfg=2.0,
                                              batch_size=3, prompts=3)
-    sess = session.Session(teacher, tset, _config(iterations=200, lora_rank=8, lora_alpha=8.0, learning_rate=2e-3,
+    sess = session.Session(teacher, tset, _config(iterations=130, lora_rank=8, lora_alpha=8.0, learning_rate=2e-3,
                                                    discriminator_learning_rate=2e-4, checkpoint_every=1000))
 
     def endpoint_error(tr):
@@ -199,7 +199,7 @@ def test_training_lowers_the_four_step_error_against_the_teacher_endpoints(host,
         checkpoints.train(tr, None)
         return before, endpoint_error(tr)
     before, after = sess.run(fit)
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.6 * before, (before, after)  # 130 iterations: 0.27 here (200: 0.21)
 
 
 def _node_train(host, model, tset, name, iterations, **kw):
