@@ -61,8 +61,8 @@ def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None =
     if kind not in ("tiny", "sd15"):
         raise NotImplementedError(f"--model {kind}: only sd15 and tiny checkpoints are written so far (SDXL needs the "
                                   "CLIP-G text encoder's checkpoint keys)")
-    env = dict(os.environ, **(env or {}), CUDA_VISIBLE_DEVICES="", COMFYUI_PATH=str(find_comfyui(comfyui)))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {}), "CUDA_VISIBLE_DEVICES": "",
+           "COMFYUI_PATH": str(find_comfyui(comfyui))}
     res = subprocess.run([sys.executable, "-c", code, str(REPO), kind, str(path), str(seed)], env=env,
                          capture_output=True, text=True, timeout=900)
     if res.returncode:

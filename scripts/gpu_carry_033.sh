@@ -3,8 +3,9 @@
 # "ComfyUI 0.33 on the GPU"): .data/h33/comfyui-0.33.0.tar.gz (the source snapshot) and .data/h33/site, the packages
 # 0.33 adds that the GPU image lacks, for its Python 3.12: comfy-aimdo (dynamic VRAM), comfy-kitchen without its
 # CUDA and ROCm extensions (168 + 56 MiB; it falls back to its eager and triton kernels, as where they fail to load),
-# blake3, simpleeval, SQLAlchemy, alembic, pydantic (+ their dependencies: main.py imports the asset database and its routes), and torchaudio
-# 2.11.0 (2.11.1 does not load beside the image's torch 2.11.0).
+# blake3, simpleeval, torchaudio 2.11.0 (2.11.1 does not load beside the image's torch 2.11.0), and, as wheels in
+# .data/h33/whl, SQLAlchemy, alembic and pydantic with their dependencies (main.py imports the asset database and its
+# routes; SQLAlchemy is 3 MB zipped, 14 MB unpacked).
 # Run it here (it needs the registry), then name .data/h33 and .data/whl_small (scripts/gpu_carry.sh) in the carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,8 @@ cp "$hosts/comfyui-0.33.0.tar.gz" .data/h33/
 mkdir -p .data/h33/whl
 for w in "$wheels"/*.whl; do
     case $(basename "$w") in
-        # kept as wheels (SQLAlchemy is 3 MB zipped, 14 MB unpacked); the device's command pip-installs them
-        sqlalchemy-*|alembic-*|mako-*|markupsafe-*|pydantic*|annotated_types-*|typing_inspection-*|typing_extensions-*) cp "$w" .data/h33/whl/ ;;
+        sqlalchemy-*|alembic-*|mako-*|markupsafe-*|pydantic*|annotated_types-*|typing_inspection-*|typing_extensions-*)
+            cp "$w" .data/h33/whl/ ;;  # scripts/gpu_check_033.sh pip-installs them on the device
         *) .venv/bin/python -m zipfile -e "$w" .data/h33/site ;;
     esac
 done

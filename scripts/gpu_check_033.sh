@@ -8,8 +8,8 @@
 # Writes $OUT/server33.json, server33_run.log, server33.log (the server's own log); prints the lines that answer it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-carried="$(ls .data/h33/site | grep -v dist-info | sed 's/\.py$//') $(ls .data/h33/whl .data/whl_small | sed -n 's/^\([A-Za-z_]*\)-.*\.whl$/\1/p' | tr 'A-Z' 'a-z')"
 if [ "${1:-}" = --here ]; then
+    carried="$(ls .data/h33/site | grep -v dist-info | sed 's/\.py$//') $(ls .data/h33/whl .data/whl_small | sed -n 's/^\([A-Za-z_]*\)-.*\.whl$/\1/p' | tr 'A-Z' 'a-z')"
     host=.comfyui/hosts/0.33.0
     [ -d "$host/ComfyUI" ] || bash scripts/setup.sh --host 0.33.0 >/dev/null || exit 2
     OUT=${OUT:-$(mktemp -d)}

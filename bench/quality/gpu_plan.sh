@@ -5,9 +5,9 @@
 #   bash bench/quality/gpu_plan.sh 3    carry nothing: the students go on until the budget (as often as time allows)
 #   bash bench/quality/gpu_plan.sh 4    carry nothing: the students until the scoring reserve, every score, trajectory_fit.py
 #   bash bench/quality/gpu_plan.sh 0    carry .data/carry: unpack only (before call 1)
-# Calls 3 and 4 need the machine call 2 warmed (it goes back 30 s after a call): issue each as soon as the last returns.
 #   bash bench/quality/gpu_plan.sh 1    carry .data/carry, TEACHER=train only: unpack, then train a new teacher (~8 min)
 #   bash bench/quality/gpu_plan.sh N ARG…   extra run_benchmark.py arguments (stage_carry.py --verify adds --cpu-smoke)
+# Calls 3 and 4 need the machine call 2 warmed (it goes back 30 s after a call): issue each as soon as the last returns.
 # The teacher is the committed one (bench/quality/weights/, 32 px, sha256 cf81d7ba…) unless TEACHER names another
 # (a folder with teacher.json, or its .safetensors) or is `train` (the recipe, trained in $Q/work/teacher by call 1).
 # DATA=folder: the data when it is not the carried set.
