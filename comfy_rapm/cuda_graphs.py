@@ -33,13 +33,13 @@ def allocator_backend() -> str:
 
 def parameter_graphs_unsupported_reason() -> str | None:
     """Why passes with grad for `parameters()` (the student's, through the LoRA) must not be graphed in this
-    process, or None. Under cudaMallocAsync (H100, torch 2.11, bench/NOTES.md) the training crashed in a backward
+    process, or None. Under cudaMallocAsync (H100 and H200, torch 2.11, bench/NOTES.md) the training crashed in a backward
     graph's replay when both the student's and the discriminator backbone's passes with grad were graphed; with
     either alone it ran, and with the backbone's alone (what the product keeps) it matched eager passes."""
     backend = allocator_backend()
     if backend != "native":
         return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graphs of the student's passes with grad "
-                "crashed in our tests; those passes run without CUDA graphs (up to about 1.7x slower). Start ComfyUI "
+                "crashed in our tests; those passes run without CUDA graphs, which is slower. Start ComfyUI "
                 "with --disable-cuda-malloc for full speed.")
     return None
 
