@@ -2,20 +2,22 @@
 started the way a user starts it, with its progress read off the websocket as the page reads it.
 
     python bench/server_perf.py --out $OUT/server_perf.json                   # GPU: full-size SD1.5, random weights
+    python bench/server_perf.py --model sdxl --count 16 --iterations 20 --out $OUT/server_perf_sdxl.json
     python bench/server_perf.py --model tiny --cpu --count 2 --iterations 4   # the CPU miniature (CI)
 
 1. Writes a random-weight checkpoint that the stock CheckpointLoaderSimple loads as SD1.5 (`sd15`: the full-size
-   UNet, 860M parameters, CLIP-L, a TAESD-sized VAE; `tiny`: the tests' one-level UNet) into a base folder.
+   UNet, 860M parameters, CLIP-L, a TAESD-sized VAE; `tiny`: the tests' one-level UNet) or as SDXL (`sdxl`: the
+   full-size UNet, 2.6B parameters, CLIP-L and CLIP-G, the TAESD-sized VAE; ~7 GB, ~1-2 min) into a base folder.
 2. Starts `main.py --base-directory <folder>` (plus `--cpu` for the miniature) through headless.comfy_host.serve: no
    other flag, so ComfyUI's launcher picks its own allocator (cudaMallocAsync on CUDA) and everything else a user
    gets. The pack is linked into the base folder's custom_nodes/.
-3. Converts example_workflows/rapm-2-sd15-to-4-step-lora.json to the API format against the server's /object_info
+3. Converts the model's example workflow (rapm-2-sd15-… or rapm-3-sdxl-…) to the API format against the server's /object_info
    (headless.convert.convert_ui), with small counts (--count trajectories, --iterations), and queues it on /prompt.
 4. Reads /ws: `progress` messages (value/max per node) and the binary `progress_text` messages (the node's text
    line: what the user reads). Reports trajectories/min and s/it two ways: the rate on the node's last text line
    (the user's number, warm-up included, as the node computes it) and the steady rate from the progress messages'
    arrival times after the first batch / the first --skip-iterations iterations.
-5. With --perf (default on CUDA), runs bench/perf.py for the same configuration (SD1.5, the node's default training
+5. With --perf (default on CUDA), runs bench/perf.py for the same configuration (the same model, the node's default training
    configuration `checkpointing`, M=25 trajectories at the node's auto batch size) under the allocator the server
    used, and prints both and their ratio (the issue asks for agreement within 10%).
 
@@ -41,7 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-WORKFLOW = REPO / "example_workflows" / "rapm-2-sd15-to-4-step-lora.json"
+WORKFLOWS = {"sd15": REPO / "example_workflows" / "rapm-2-sd15-to-4-step-lora.json",
+             "tiny": REPO / "example_workflows" / "rapm-2-sd15-to-4-step-lora.json",
+             "sdxl": REPO / "example_workflows" / "rapm-3-sdxl-to-4-step-lora.json"}
 TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT (protocol.py): progress_text
 # The miniature's sizes: tiny images and a 2-step teacher sample after training, so the whole graph runs in seconds.
 CPU_SETS = {"RAPMTeacherTrajectory": {"width": 64, "height": 64, "fine_steps": 2},
@@ -57,10 +61,10 @@ def write_checkpoint(kind: str, path: Path, seed: int = 0, comfyui: str | None =
     from headless.comfy_host import find_comfyui
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from headless import tiny_models; from bench import perf; "
             "kind, path, seed = sys.argv[2], sys.argv[3], int(sys.argv[4]); "
+            "tiny_models.make_sdxl_checkpoint(path, perf.UNET['sdxl'], seed) if kind == 'sdxl' else "
             "tiny_models.make_sd15_checkpoint(path, seed, None if kind == 'tiny' else perf.UNET['sd15'])")
-    if kind not in ("tiny", "sd15"):
-        raise NotImplementedError(f"--model {kind}: only sd15 and tiny checkpoints are written so far (SDXL needs the "
-                                  "CLIP-G text encoder's checkpoint keys)")
+    if kind not in WORKFLOWS:
+        raise ValueError(f"--model {kind}: one of {', '.join(WORKFLOWS)}")
     env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {}), "CUDA_VISIBLE_DEVICES": "",
            "COMFYUI_PATH": str(find_comfyui(comfyui))}
     res = subprocess.run([sys.executable, "-c", code, str(REPO), kind, str(path), str(seed)], env=env,
@@ -140,12 +144,12 @@ class _Info:
 
 
 def api_prompt(object_info: dict, checkpoint: str, count: int, iterations: int, name: str, cpu: bool,
-               sets: list[str]) -> tuple[dict, dict]:
-    """The example workflow in API format with this run's values; returns (graph, node ids by class)."""
+               sets: list[str], model: str = "sd15") -> tuple[dict, dict]:
+    """The model's example workflow in API format with this run's values; returns (graph, node ids by class)."""
     from headless.convert import convert_ui
     from headless.workflow import apply_sets
     classes = {k: _Info(k, v) for k, v in object_info.items()}
-    workflow = json.loads(WORKFLOW.read_text())
+    workflow = json.loads(WORKFLOWS[model].read_text())
     api, _notes = convert_ui(workflow, classes, {k: c.DISPLAY_NAME for k, c in classes.items()})
     ids: dict[str, list[str]] = {}
     for node_id, node in api.items():
@@ -311,7 +315,8 @@ def main(argv=None) -> int:
             with urllib.request.urlopen(f"{base}/object_info", timeout=60) as r:
                 object_info = json.loads(r.read())
             name = f"server_perf_{uuid.uuid4().hex[:8]}"
-            api, ids = api_prompt(object_info, checkpoint.name, args.count, args.iterations, name, args.cpu, args.set)
+            api, ids = api_prompt(object_info, checkpoint.name, args.count, args.iterations, name, args.cpu, args.set,
+                                  args.model)
             prompt_id, events = asyncio.run(queue_and_watch(base, api, args.timeout))
             queued = events[0][0]
             report["prompt_seconds"] = events[-1][0] - queued
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
     run_perf = args.perf == "on" or (args.perf == "auto" and not args.cpu and _cuda())
     if run_perf:
         conf = "backend:cudaMallocAsync" if report["server_allocator"] == "cudaMallocAsync" else None
-        perf = report["perf"] = perf_figures("sd15" if args.model == "sd15" else args.model, conf, 600)
+        perf = report["perf"] = perf_figures(args.model, conf, 600)
         report["ratio_server_over_perf"] = {
             "seconds_per_iteration": _ratio(user["seconds_per_iteration_steady"], perf["seconds_per_iteration"]),
             "minutes_per_trajectory": _ratio(perf["trajectories_per_min"], user["trajectories_per_min_steady"])}

@@ -159,6 +159,45 @@ def make_sd15_checkpoint(path: str, seed: int = 0, unet_config: dict | None = No
     return path
 
 
+def sdxl_checkpoint_shapes(unet_config: dict) -> tuple[dict, dict, dict]:
+    """Key -> shape for an SDXL checkpoint: the UNet of `unet_config` and the TAESD VAE (keys without their
+    model.diffusion_model. / first_stage_model. prefixes), and CLIP-L + CLIP-G under the checkpoint's own keys
+    (conditioner.embedders.0 / 1, CLIP-G in open_clip's layout). The text encoders come from ComfyUI's SDXLClipModel
+    built on the meta device, their keys from ComfyUI's own conversion for saving: the inverse of its loader's."""
+    _comfy()
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    model_config = comfy.supported_models.SDXL(dict(unet_config))
+    with torch.device("meta"):
+        unet = model_config.get_model({}, device="meta").diffusion_model
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+        clip = comfy.sdxl_clip.SDXLClipModel(device="meta")
+    saved = model_config.process_clip_state_dict_for_saving(dict(clip.state_dict()))
+    clip_shapes = {k: tuple(v.shape) for k, v in saved.items() if not k.endswith("position_ids")}
+    return _shapes(unet), _shapes(taesd), clip_shapes
+
+
+def make_sdxl_checkpoint(path: str, unet_config: dict, seed: int = 0) -> str:
+    """Write a random-weight checkpoint that CheckpointLoaderSimple loads as SDXL to PATH; returns PATH. With the
+    full-size UNet (bench/perf.py's UNET["sdxl"]) ~7 GB: 2.6B UNet and 0.8B text-encoder parameters in float16."""
+    from safetensors.torch import save_file
+
+    unet_shapes, vae_shapes, clip_shapes = sdxl_checkpoint_shapes(unet_config)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.inference_mode(False):
+        sd = {}
+        sd.update(_random_state_dict(unet_shapes, gen, torch.float16, "model.diffusion_model."))
+        sd.update(_random_state_dict(vae_shapes, gen, torch.float16, "first_stage_model."))
+        sd.update(_random_state_dict(clip_shapes, gen, torch.float16, ""))
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path, metadata={"modelspec.title": "rapm random-weight SDXL (benchmark model)",
+                                  "rapm.tiny_seed": str(int(seed))})
+    return path
+
+
 def make_sd15_demo_files(models_root: str) -> dict:
     """Write MODELS_ROOT/checkpoints/rapm_tiny_sd15.safetensors; returns {"checkpoint": filename}."""
     make_sd15_checkpoint(os.path.join(models_root, "checkpoints", SD15_CHECKPOINT_NAME))

@@ -49,3 +49,27 @@ def test_the_stand_ins_cover_what_comfyui_0_33_imports_at_start_up(tmp_path, mon
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("refused: a stand-in of a package missing")
+
+
+def test_the_sdxl_checkpoint_has_the_keys_comfyui_detects_as_sdxl_and_loads_its_text_encoders_from():
+    # the full-size layout on the meta device (nothing allocated); the GPU run loads the written file for real
+    import torch
+    from bench import perf
+    from headless import tiny_models
+    unet, vae, clip = tiny_models.sdxl_checkpoint_shapes(perf.UNET["sdxl"])
+    import comfy.model_detection
+    import comfy.sdxl_clip
+    import comfy.supported_models as sm
+    meta = {"model.diffusion_model." + k: torch.empty(v, device="meta") for k, v in unet.items()}
+    detected = comfy.model_detection.model_config_from_unet(meta, "model.diffusion_model.")
+    assert type(detected) is sm.SDXL  # not SSD1B, not the refiner
+    assert sum(math.prod(v) for v in unet.values()) > 2.5e9
+    assert "taesd_decoder.1.weight" in vae and "vae_scale" in vae
+    # ComfyUI's loader maps the checkpoint's keys onto SDXLClipModel's: every key it needs, at its shape
+    with torch.device("meta"):
+        wanted = comfy.sdxl_clip.SDXLClipModel(device="meta").state_dict()
+    loaded = detected.process_clip_state_dict({k: torch.empty(v, device="meta") for k, v in clip.items()})
+    unused_by_sdxl = {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}  # real checkpoints lack them too
+    assert set(wanted) - set(loaded) == unused_by_sdxl
+    assert all(tuple(loaded[k].shape) == tuple(v.shape) for k, v in wanted.items() if k in loaded)
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.31.") for k in clip)  # open_clip layout
