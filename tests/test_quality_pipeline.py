@@ -138,7 +138,9 @@ def test_sampling_through_comfyui_is_ddim(mods):
             x = d + (x - d) / s * s_next
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
     chunked = T.sample(mp, cond, neg, noise, sigmas, cfg, batch_size=2)
-    torch.testing.assert_close(chunked, out, rtol=1e-5, atol=1e-5)
+    # batch 2 + 1 against 3 takes other CPU kernels: 1.5e-5 apart on an AMD EPYC machine; a row given another
+    # row's conditioning or noise would be off by O(1)
+    torch.testing.assert_close(chunked, out, rtol=1e-4, atol=1e-4)
     img = T.to_uint8(out)
     assert img.dtype == torch.uint8 and img.shape == (3, 3, 32, 32)
 

@@ -33,7 +33,8 @@ def test_product_iteration_equals_the_reference(host, tmp_path, mode, low_memory
             assert c["product_loss"] == pytest.approx(c["reference_loss"], rel=1e-5)
             assert c["reference_grad_norm"] > 0
             # fp32 on CPU: batching reorders float sums: ~1e-5 in the student's gradient at c = 0.001, 4e-6 at
-            # c = 1 (bench/bf16_gap.py); discriminator gradients agree to ~1e-6.
+            # c = 1 (bench/bf16_gap.py) on earlier CI machines, 3.8e-5 on an AMD EPYC one (2026-12-03: other kernel paths);
+            # discriminator gradients agree to ~1e-6. A wrong slot, weight or sign moves it by 1e-2 or more.
             # ComfyUI returns model outputs in fp32 (`.float()`), so a float64 check is not possible.
-            assert c["grad_rel_diff"] <= 2e-5
+            assert c["grad_rel_diff"] <= 1e-4
     sess.run(check)
