@@ -143,19 +143,27 @@ def make_sd15_checkpoint(path: str, seed: int = 0, unet_config: dict | None = No
     Keys: model.diffusion_model.* (one-level UNet, 320 channels, context 768; or the UNet of `unet_config`, e.g.
     the full-size SD1.5 one: ~2 GB), first_stage_model.taesd_encoder/taesd_decoder.* + vae_scale/vae_shift (TAESD
     VAE), cond_stage_model.transformer.text_model.* (CLIP-L, 123M params)."""
+    unet_shapes, vae_shapes, clip_shapes = _sd15_checkpoint_shapes(unet_config)
+    title = "rapm tiny random SD1.5 (test model)" if unet_config is None else "rapm random-weight SD1.5 (benchmark model)"
+    return _save_random_checkpoint(path, seed, title, [(unet_shapes, "model.diffusion_model."),
+                                                       (vae_shapes, "first_stage_model."),
+                                                       (clip_shapes, "cond_stage_model.transformer.")])
+
+
+def _save_random_checkpoint(path: str, seed: int, title: str, parts: list[tuple[dict, str]],
+                            fixed: dict[str, torch.Tensor] | None = None) -> str:
+    """float16 random tensors for each (key -> shape, key prefix) in `parts`, drawn in that order from one seeded
+    generator, plus the `fixed` tensors, saved as a safetensors checkpoint at PATH; returns PATH."""
     from safetensors.torch import save_file
 
-    unet_shapes, vae_shapes, clip_shapes = _sd15_checkpoint_shapes(unet_config)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.inference_mode(False):
         sd = {}
-        sd.update(_random_state_dict(unet_shapes, gen, torch.float16, "model.diffusion_model."))
-        sd.update(_random_state_dict(vae_shapes, gen, torch.float16, "first_stage_model."))
-        sd.update(_random_state_dict(clip_shapes, gen, torch.float16, "cond_stage_model.transformer."))
+        for shapes, prefix in parts:
+            sd.update(_random_state_dict(shapes, gen, torch.float16, prefix))
+        sd.update(fixed or {})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    title = "rapm tiny random SD1.5 (test model)" if unet_config is None else "rapm random-weight SD1.5 (benchmark model)"
-    metadata = {"modelspec.title": title, "rapm.tiny_seed": str(int(seed))}
-    save_file(sd, path, metadata=metadata)
+    save_file(sd, path, metadata={"modelspec.title": title, "rapm.tiny_seed": str(int(seed))})
     return path
 
 
@@ -182,20 +190,11 @@ def sdxl_checkpoint_shapes(unet_config: dict) -> tuple[dict, dict, dict]:
 def make_sdxl_checkpoint(path: str, unet_config: dict, seed: int = 0) -> str:
     """Write a random-weight checkpoint that CheckpointLoaderSimple loads as SDXL to PATH; returns PATH. With the
     full-size UNet (bench/perf.py's UNET["sdxl"]) ~7 GB: 2.6B UNet and 0.8B text-encoder parameters in float16."""
-    from safetensors.torch import save_file
-
     unet_shapes, vae_shapes, clip_shapes = sdxl_checkpoint_shapes(unet_config)
-    gen = torch.Generator().manual_seed(int(seed))
-    with torch.inference_mode(False):
-        sd = {}
-        sd.update(_random_state_dict(unet_shapes, gen, torch.float16, "model.diffusion_model."))
-        sd.update(_random_state_dict(vae_shapes, gen, torch.float16, "first_stage_model."))
-        sd.update(_random_state_dict(clip_shapes, gen, torch.float16, ""))
-        sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(sd, path, metadata={"modelspec.title": "rapm random-weight SDXL (benchmark model)",
-                                  "rapm.tiny_seed": str(int(seed))})
-    return path
+    position_ids = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77).unsqueeze(0)}
+    return _save_random_checkpoint(path, seed, "rapm random-weight SDXL (benchmark model)",
+                                   [(unet_shapes, "model.diffusion_model."), (vae_shapes, "first_stage_model."),
+                                    (clip_shapes, "")], fixed=position_ids)
 
 
 def make_sd15_demo_files(models_root: str) -> dict:

@@ -6,14 +6,14 @@
 # Alternates before, after, before, after (ROUNDS pairs, default 2), each `bench/perf.py --models sd15 --variants
 # checkpointing --skip-trajectories --skip-equivalence` in its own process under the native allocator (the figure the
 # 2026-12-01 table has; MODEL=tiny PYTHON=.venv/bin/python COMFYUI_PATH=$PWD/.comfyui/ComfyUI: a CPU miniature), so the spread between rounds says what "noise" is on that machine.
-# Writes $OUT/before_after.json ({"before": [s/it…], "after": [s/it…], the runs' files}) and prints a table.
+# Writes $OUT/before_after.json ({"before": [s/it…], "after": [s/it…], medians, ratio}) beside each run's json/log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --stage ]; then
     rev=${2:-86a3adc}
     rm -rf .data/before && mkdir -p .data/before
     git archive "$rev" comfy_rapm bench/perf.py bench/reference_rapm.py bench/__init__.py headless nodes.py __init__.py \
-        2>/dev/null | tar -x -C .data/before || git archive "$rev" comfy_rapm bench headless nodes.py __init__.py | tar -x -C .data/before
+        | tar -x -C .data/before || exit 2
     echo "$rev $(git rev-parse "$rev")" > .data/before/REVISION
     du -sh .data/before
     exit 0
