@@ -63,9 +63,19 @@ def main():
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if args.first_use_eager:
-        init = cuda_graphs.GraphedCalls.__init__
-        cuda_graphs.GraphedCalls.__init__ = lambda self, *a, **k: init(self, *a, **dict(k, graded_first_use_eager=True))
+    if args.first_use_eager:  # the first call after a graded capture runs eagerly, as a busy graph's would
+        capture_graded = cuda_graphs.GraphedCalls._capture_graded
+
+        def deferred(self, *a, **k):
+            replay, first = capture_graded(self, *a, **k), [True]
+
+            def replay_from_second_use(call_args, call_kwargs):
+                if first[0]:
+                    first[0] = False
+                    return cuda_graphs._BUSY
+                return replay(call_args, call_kwargs)
+            return replay_from_second_use
+        cuda_graphs.GraphedCalls._capture_graded = deferred
     if args.keep_grads:
         from comfy_rapm import trainer
         student_backward = trainer.Trainer._student_backward

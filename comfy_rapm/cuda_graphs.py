@@ -102,11 +102,8 @@ class GraphedCalls:
 
     def __init__(self, fn: Callable, state: Callable[[], object] = lambda: None, warmup: int = 2,
                  graded: bool = False, parameters: Callable[[], torch.nn.Module | None] = lambda: None,
-                 graded_parameters: bool = True, interrupts: tuple[type, ...] = (), graded_first_use_eager: bool = False):
+                 graded_parameters: bool = True, interrupts: tuple[type, ...] = ()):
         self.fn, self.state, self.warmup = fn, state, warmup
-        # a graded graph captured now is first replayed at its next use: no capture runs while another graded
-        # graph's forward awaits its backward (a lead for the crash under cudaMallocAsync, bench/NOTES.md)
-        self.graded_first_use_eager = graded_first_use_eager
         self.interrupts = interrupts  # the host's Cancel, raised by an op during a capture: never "capture failed"
         self.graded, self.parameters, self.graded_parameters = graded, parameters, graded_parameters
         self.graphs: dict = {}
@@ -147,8 +144,8 @@ class GraphedCalls:
                 torch.cuda.synchronize()
             finally:
                 torch.cuda.empty_cache()  # the warm-up's blocks, cached for its side stream only
-            if entry is None or (grad and self.graded_first_use_eager):
-                return self.fn(*args, **kwargs)  # eagerly, after the except: a failed capture's tensors are gone
+            if entry is None:  # eagerly, after the except: the failed capture's traceback (its tensors) is gone
+                return self.fn(*args, **kwargs)
         result = entry(args, kwargs)
         if result is _BUSY:
             self.busy += 1
