@@ -31,6 +31,69 @@ from bench import perf  # noqa: E402
 from comfy_rapm import cuda_graphs  # noqa: E402
 
 
+def trace_graphs(dump_dir: Path | None):
+    """Names every CUDA graph at its capture (gN, in order; what ran it: the backbone or not, with grad or not), prints
+    every replay, synchronised, and the replay that faults. With dump_dir: each graph's memory nodes from CUDA's DOT
+    dump, and which graph allocated what another graph frees (the cudaMallocAsync crash's working hypothesis)."""
+    import json
+    import re
+    import traceback
+    names: dict = {}
+    memory: dict = {}
+    begin, end, replay = torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.capture_end, torch.cuda.CUDAGraph.replay
+
+    def stack():
+        return {f.name for f in traceback.extract_stack()}
+
+    def named_begin(self, *a, **k):
+        frames = stack()
+        side = "backbone" if "backbone_features" in frames else "student/teacher"
+        names[id(self)] = f"g{len(names)}({side}{', grad' if torch.is_grad_enabled() or 'make_graphed_callables' in frames else ''})"
+        print("capture", names[id(self)], flush=True)
+        if dump_dir is not None:
+            self.enable_debug_mode()
+        return begin(self, *a, **k)
+
+    def dumped_end(self):
+        end(self)
+        if dump_dir is None:
+            return
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        dot = dump_dir / f"{len(memory)}.dot"
+        try:
+            self.debug_dump(str(dot))
+            text = dot.read_text(errors="replace")
+        except Exception as error:  # noqa: BLE001 - a diagnostic: say why and go on
+            memory[names[id(self)]] = {"error": f"{type(error).__name__}: {error}"}
+            return
+        blocks = [b for b in text.split("];") if re.search(r"MEM_?(ALLOC|FREE)", b, re.I)]
+        memory[names[id(self)]] = {
+            "nodes": text.count("];"),
+            "allocs": [re.findall(r"0x[0-9a-f]+", b, re.I) for b in blocks if re.search(r"MEM_?ALLOC", b, re.I)],
+            "frees": [re.findall(r"0x[0-9a-f]+", b, re.I) for b in blocks if re.search(r"MEM_?FREE", b, re.I)],
+            "examples": [b.strip()[-400:] for b in blocks[:2]]}
+        dot.unlink()
+        owner = {addr: g for g, m in memory.items() for node in m.get("allocs", []) for addr in node}
+        crossings = [{"graph": g, "frees": addr, "allocated_by": owner[addr]} for g, m in memory.items()
+                     for node in m.get("frees", []) for addr in node if owner.get(addr, g) != g]
+        (dump_dir / "graph_memory.json").write_text(json.dumps({"graphs": memory, "cross_graph_frees": crossings}, indent=1))
+        print("dumped", names[id(self)], {k: len(v) for k, v in memory[names[id(self)]].items() if isinstance(v, list)},
+              "cross-graph frees so far:", len(crossings), flush=True)
+
+    def traced(self):
+        name = names.get(id(self), "?")
+        print("replay", name, "backward" if "backward" in stack() else "forward", flush=True)
+        torch.cuda.synchronize()
+        replay(self)
+        try:
+            torch.cuda.synchronize()
+        except Exception as error:
+            print("FAULT in replay of", name, error, flush=True)
+            raise
+    torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.capture_end = named_begin, dumped_end
+    torch.cuda.CUDAGraph.replay = traced
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--graded", choices=["student", "backbone", "both"], default="both")
@@ -42,6 +105,9 @@ def main():
     p.add_argument("--gc-off-capture", action="store_true")
     p.add_argument("--sync-replays", action="store_true")
     p.add_argument("--trace-replays", action="store_true", help="name every capture and replay (synchronised) on stdout")
+    p.add_argument("--dump-graphs", default=None, metavar="DIR",
+                   help="with the trace: each graph's memory nodes (CUDA's DOT dump, kept to its MEM_ALLOC/MEM_FREE "
+                        "nodes) into DIR/graph_memory.json, with the frees of one graph's allocations in another")
     p.add_argument("perf_args", nargs=argparse.REMAINDER)
     args = p.parse_args()
     cuda_graphs.parameter_graphs_unsupported_reason = lambda: None
@@ -106,32 +172,8 @@ def main():
             replay(self)
             torch.cuda.synchronize()
         torch.cuda.CUDAGraph.replay = synced
-    if args.trace_replays:
-        import traceback
-        names: dict = {}
-        begin, replay_ = torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.replay
-
-        def where():
-            stack = "".join(f.name + "," for f in traceback.extract_stack())
-            side = "backbone" if "forward_to_features" in stack else "student/teacher"
-            return side, ("backward" if "backward" in stack else "forward")
-
-        def named_begin(self, *a, **k):
-            names[id(self)] = f"graph{len(names)}({'/'.join(where())}{', graded' if torch.is_grad_enabled() else ''})"
-            print("capture", names[id(self)], flush=True)
-            return begin(self, *a, **k)
-
-        def traced(self):
-            name = names.get(id(self), "?")
-            print("replay", name, "in", "/".join(where()), flush=True)
-            torch.cuda.synchronize()
-            replay_(self)
-            try:
-                torch.cuda.synchronize()
-            except Exception as error:
-                print("FAULT in replay of", name, error, flush=True)
-                raise
-        torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.replay = named_begin, traced
+    if args.trace_replays or args.dump_graphs:
+        trace_graphs(Path(args.dump_graphs) if args.dump_graphs else None)
     print("async_bisect:", {k: v for k, v in vars(args).items() if k != "perf_args"}, flush=True)
     perf.main([a for a in args.perf_args if a != "--"])
 

@@ -1,0 +1,28 @@
+"""The README's speed table is the one bench/readme_table.py renders from bench/results/perf.json (issue #17, item 4)."""
+import json
+import shutil
+from pathlib import Path
+
+from bench import readme_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_speed_table_is_rendered_from_the_committed_results():
+    assert readme_table.main(["--check"]) == 0
+
+
+def test_a_changed_result_fails_the_check_until_the_table_is_written(tmp_path):
+    perf, readme = tmp_path / "perf.json", tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    report = json.loads((ROOT / "bench/results/perf.json").read_text())
+    report["models"]["sd15"]["training"]["checkpointing"]["seconds_per_iteration"] = 0.1234
+    perf.write_text(json.dumps(report))
+    args = ["--perf", str(perf), "--readme", str(readme)]
+    assert readme_table.main(args + ["--check"]) == 1
+    assert readme_table.main(args + ["--write"]) == 0
+    assert readme_table.main(args + ["--check"]) == 0
+    text = readme.read_text()
+    rows = [line for line in readme_table.readme_block(text).splitlines() if line.startswith("| SD1.5 512 px |")]
+    assert rows == ["| SD1.5 512 px | defaults | 0.123 | 12.5 | 0.7 h |"]
+    assert text.split(readme_table.END, 1)[1] == (ROOT / "README.md").read_text().split(readme_table.END, 1)[1]
