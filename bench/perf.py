@@ -54,7 +54,8 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
-                 "paired"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next one's no-grad work
+                 "paired", "step_graph"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next
+# one's no-grad work; step_graph: Config(step_graphs=True), the student's whole step as one CUDA graph
 
 
 def import_host(comfyui: str | None):
@@ -202,7 +203,8 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         kind, warmup + iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
         cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
         graded_graphs=False if "no_graded_graphs" in parts else None,
-        discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts))
+        discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts,
+        step_graphs="step_graph" in parts))
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -216,8 +218,10 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
             step(tr)
         sync()
         used = device_used_gib()  # graphs and their pools still held: the driver's view, whatever the allocator
-        graphs = sess.graphs
+        graphs, steps = sess.graphs, sess.step_graphs
         return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used,
+            "step_graphs": None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays,
+                                                       "failed": steps.failed, "error": steps.error},
             "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,
                                                         "failed": graphs.failed, "graded": graphs.graded,
                                                         "busy": graphs.busy, "error": graphs.error}}
@@ -314,13 +318,15 @@ def strict_kernels(enabled: bool):
         torch.use_deterministic_algorithms(saved[4])
 
 
-def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False):
+def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False, step_graphs=False):
     """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
-    CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients."""
+    CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients (with `step_graphs`,
+    the student's whole step as one graph)."""
     from comfy_rapm.reference import compare_with_product
     from comfy_rapm import session
     sess = session.Session(patcher, tset, make_config(kind, 2, rank, precision=precision,
-                                                      gradient_checkpointing=gradient_checkpointing))
+                                                      gradient_checkpointing=gradient_checkpointing,
+                                                      step_graphs=step_graphs))
 
     def check(tr):
         torch.manual_seed(0)  # the same student in every run
@@ -342,23 +348,27 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
             out["cuda_graphs_vs_eager"] = {"rel_diff": max(rel(g, e) for g, e in zip(graphed, eager_again)),
                                            "eager_repeat_rel_diff": max(rel(a, e) for a, e in zip(eager, eager_again)),
                                            "replays": sess.graphs.replays, "failed": sess.graphs.failed}
+            step_graphs = tr.step_graphs
             for student_turn in (True, False):  # both sides' gradients: graphs (capture, then replay) vs eager
                 draws = tr.draw()
-                sess.graphs.enabled = True
+                sess.graphs.enabled, tr.step_graphs = True, step_graphs
                 for _ in range(2):
                     tr.backward(draws, student_turn)
                 graphed_grads = gradients(tr, student_turn)
-                sess.graphs.enabled = False
+                sess.graphs.enabled, tr.step_graphs = False, None
                 tr.backward(draws, student_turn)
                 eager_grads = gradients(tr, student_turn)
                 tr.backward(draws, student_turn)  # eager again: how far eager differs from itself (atomics)
                 eager_again = gradients(tr, student_turn)
-                sess.graphs.enabled = True
+                sess.graphs.enabled, tr.step_graphs = True, step_graphs
                 side = "student" if student_turn else "discriminator"
                 out["cuda_graphs_vs_eager"][f"{side}_grad_rel_diff"] = rel_diff(graphed_grads, eager_grads)
                 out["cuda_graphs_vs_eager"][f"{side}_grad_eager_repeat_rel_diff"] = rel_diff(eager_again, eager_grads)
             out["cuda_graphs_vs_eager"].update(shapes=len(sess.graphs.graphs), graded=sess.graphs.graded,
                                                failed=sess.graphs.failed, error=sess.graphs.error)
+            if step_graphs is not None:
+                out["cuda_graphs_vs_eager"]["step_graphs"] = {"shapes": len(step_graphs.graphs), "replays": step_graphs.replays,
+                                                              "failed": step_graphs.failed, "error": step_graphs.error}
         out["reference_compared_with_graphs"] = sess.graphs is not None
         for student_turn in (True, False):
             c = compare_with_product(tr, student_turn)
@@ -485,7 +495,8 @@ def main(argv=None):
     p.add_argument("--equivalence-models", default="sd15,tiny",
                    help="models the equivalence check runs on (SDXL's reference and product at once need ~50 GiB)")
     p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
-                   "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), e.g. fp32+deterministic")
+                   "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), step_graph (the student's "
+                   "whole step as one graph), e.g. fp32+deterministic")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--force-cuda-graphs", action="store_true",
@@ -562,13 +573,14 @@ def main(argv=None):
             equivalence = not args.skip_equivalence and kind in args.equivalence_models.split(",")
             for item in args.equivalence_precision.split(",") if equivalence else []:
                 precision, *options = item.split("+")
-                if set(options) - {"checkpointing", "deterministic"}:
-                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic")
+                if set(options) - {"checkpointing", "deterministic", "step_graph"}:
+                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic, +step_graph")
                 key = "_".join(["equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"] + options)
                 reset_peak()
                 started = time.perf_counter()
                 with strict_kernels("deterministic" in options):
-                    entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options)
+                    entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options,
+                                                   "step_graph" in options)
                 entry[key]["wall_seconds"] = time.perf_counter() - started
                 print(f"[{kind}] {key} {entry[key]}", flush=True)
                 save()

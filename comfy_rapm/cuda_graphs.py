@@ -13,6 +13,7 @@ optimizer steps are seen). Each graded key gets its own memory pool: a graded fo
 activations must survive other graphs' replays until its backward runs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from typing import Callable
@@ -114,6 +115,15 @@ class GraphedCalls:
         self.busy = 0  # graded calls run eagerly because their graph's last replay awaited its backward
         self.enabled = True
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Calls run eagerly while inside (e.g. while an enclosing CUDA graph is captured)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
     def __call__(self, *args, **kwargs):
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         if self.failed or not self.enabled or not tensors or not all(t.is_cuda for t in tensors):
@@ -204,4 +214,77 @@ class GraphedCalls:
                 pending.update(node=weakref.ref(node), done=False)
                 node.register_hook(lambda *_: pending.update(done=True))
             return outputs[0] if single[-1] else tuple(outputs)
+        return replay
+
+
+class StepGraphs:
+    """A whole step with grad — model passes, losses and `torch.autograd.grad` into the parameters — replayed from one
+    CUDA graph per input signature. Every allocation of the step is made and freed inside its graph, which is what
+    PyTorch's cudaMallocAsync allocator supports (the per-pass graded graphs above crash under it: bench/NOTES.md).
+
+    `step(tensors, handle)` returns a tuple of tensors; `tensors` is a tuple of tensors or None; `handle` is an object
+    (the host's conditioning) whose tensors `tensors_of(handle)` lists in a fixed order: the first call's handle is
+    kept, and later calls copy their handle's tensors into it. The returned tensors are the graph's own outputs: valid
+    until the next call. `pause()` is a context in which the per-pass graphs stand aside (no capture inside a capture).
+    Eager off CUDA, and for good after a failed capture (`error` says why)."""
+
+    def __init__(self, tensors_of: Callable[[object], list], pause: Callable[[], object], warmup: int = 2,
+                 interrupts: tuple[type, ...] = ()):
+        self.tensors_of, self.pause, self.warmup, self.interrupts = tensors_of, pause, warmup, interrupts
+        self.graphs: dict = {}
+        self.pool = None
+        self.failed = False
+        self.error = None
+        self.replays = 0
+
+    def __call__(self, step: Callable, tensors: tuple, handle) -> tuple:
+        present = [t for t in tensors if t is not None]
+        if self.failed or not present or not all(t.is_cuda for t in present):
+            return step(tensors, handle)
+        handle_tensors = self.tensors_of(handle)
+        key = (tuple(_signature(t) for t in tensors), tuple(_signature(t) for t in handle_tensors))
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(step, tensors, handle)
+            except Exception as error:
+                if isinstance(error, self.interrupts):
+                    raise
+                self.failed, self.error = True, f"{type(error).__name__}: {error}"
+                self.graphs.clear()
+                log.warning("CUDA graph capture of the whole student step failed (%s); it runs eagerly", self.error)
+                torch.cuda.synchronize()
+            finally:
+                torch.cuda.empty_cache()
+            if entry is None:
+                return step(tensors, handle)
+        self.replays += 1
+        return entry(tensors, handle_tensors)
+
+    def _capture(self, step, tensors, handle):
+        static = tuple(None if t is None else t.detach().clone() for t in tensors)
+        static_handle = self.tensors_of(handle)  # the first handle is kept as the graph's own
+        with self.pause():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # off the capture: lazy initialisations, workspaces
+                for _ in range(self.warmup):
+                    step(static, handle)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # relaxed: the host's sampling code asks the driver for free memory (cudaMemGetInfo) to size its batches
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="relaxed"):
+                outputs = tuple(step(static, handle))
+
+        def replay(tensors, handle_tensors):
+            for buffer, new in zip(static, tensors):
+                if buffer is not None:
+                    buffer.copy_(new)
+            for buffer, new in zip(static_handle, handle_tensors):
+                if buffer is not new:
+                    buffer.copy_(new)
+            graph.replay()
+            return outputs
         return replay

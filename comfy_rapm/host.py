@@ -7,11 +7,13 @@ progress and Cancel.
 Imported only inside a ComfyUI process."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable
 
 import torch
 
+import comfy.conds
 import comfy.model_management
 import comfy.sample
 import comfy.sampler_helpers
@@ -47,7 +49,9 @@ class Denoiser:
                  "negative": comfy.sampler_helpers.convert_cond(negative)}
         shape = latent_shape or (1,) + tuple(self._latent_shape[1:])
         noise = torch.zeros(shape, device=self.device)
-        return comfy.samplers.process_conds(self._guider.inner_model, noise, conds, self.device)
+        processed = comfy.samplers.process_conds(self._guider.inner_model, noise, conds, self.device)
+        # on the device once, not per pass by the model's own cast (and so no host copy inside a CUDA graph's capture)
+        return _map_tensors(processed, lambda t: t.to(self.device))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds=None, cfg: float = 1.0) -> torch.Tensor:
         g = self._guider
@@ -60,6 +64,28 @@ class Denoiser:
             return g(x, sigma, model_options=self._model_options, seed=self._seed)
         finally:
             g.conds = self.default_conds
+
+
+def _map_tensors(obj, fn):
+    """`obj` (processed conditioning: dicts, lists, ComfyUI's CONDRegular-like objects) with fn applied to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, comfy.conds.CONDRegular):
+        out = copy.copy(obj)
+        out.cond = _map_tensors(obj.cond, fn)
+        return out
+    return obj
+
+
+def conditioning_tensors(conds) -> list[torch.Tensor]:
+    """Every tensor of a `Denoiser.prepare` result, in a fixed order (two results of the same structure line up)."""
+    found = []
+    _map_tensors(conds, lambda t: found.append(t) or t)
+    return found
 
 
 class _CallbackSampler(comfy.samplers.Sampler):

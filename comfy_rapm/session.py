@@ -72,11 +72,14 @@ class Session:
 
     def __init__(self, model, trajectory_set: TrajectorySet, config: settings.Config):
         self.model, self.set, self.config = model, trajectory_set, config
-        self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if config.uses_graded_graphs else None
-        self.student_graphs = config.uses_graded_graphs and self.student_graphs_off_reason is None
+        step_graphs = config.step_graphs and config.uses_cuda_graphs and not config.low_memory  # they replace those below
+        self.student_graphs_off_reason = (cuda_graphs_mod.parameter_graphs_unsupported_reason()
+                                          if config.uses_graded_graphs and not step_graphs else None)
+        # with step graphs, a failed step capture falls back to the backbone's per-pass graded graphs only
+        self.student_graphs = config.uses_graded_graphs and not step_graphs and self.student_graphs_off_reason is None
         if self.student_graphs_off_reason:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
-        self.graphs = None
+        self.graphs = self.step_graphs = None
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
@@ -110,11 +113,14 @@ class Session:
                                                  paired_conditioning),
                     denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                     features, device)
-                self.graphs = graphs
+                if graphs is not None and config.step_graphs:
+                    tr.step_graphs = cuda_graphs_mod.StepGraphs(host.conditioning_tensors, graphs.paused,
+                                                                interrupts=host.interrupted_types())
+                self.graphs, self.step_graphs = graphs, tr.step_graphs
                 try:
                     return fn(tr)
                 finally:
-                    self.graphs = None
+                    self.graphs = self.step_graphs = None
 
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,

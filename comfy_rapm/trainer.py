@@ -88,6 +88,7 @@ class Trainer:
         self.student_opt = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                              weight_decay=config.weight_decay)
         self.paired = config.paired_iterations and not config.low_memory and data.paired_conditioning is not None
+        self.step_graphs = None  # a cuda_graphs.StepGraphs: the student's whole step as one graph (set by the session)
         self._pending: _Pending | None = None
         self.disc_opt = None
         if config.uses_gan:
@@ -105,10 +106,13 @@ class Trainer:
         x = solver.ddim_step(lambda xx, ss: self.model(xx, ss, cond, cfg), x, s_from, s_to)
         return schedule.to_vp(x, s_to, self.ms)
 
-    def backbone_features(self, z_vp, t_adv, s_n, noise, cond):
-        """Features of the frozen teacher at adv_t for positions re-noised from t_n."""
+    def adversarial_sigmas(self, t_adv) -> torch.Tensor:
+        return schedule.sigma_at(self.ms, t_adv).to(self.device)
+
+    def backbone_features(self, z_vp, t_adv, s_n, noise, cond, s_adv=None):
+        """Features of the frozen teacher at adv_t (or at σ `s_adv`) for positions re-noised from t_n."""
         self.lora.set_enabled(False)
-        s_adv = schedule.sigma_at(self.ms, t_adv).to(self.device)
+        s_adv = self.adversarial_sigmas(t_adv) if s_adv is None else s_adv
         x = schedule.renoise(self.ms, schedule.from_vp(z_vp, s_n, self.ms), s_n, s_adv, noise)
         return self.features(x, s_adv, cond)
 
@@ -229,8 +233,9 @@ class Trainer:
         self._check_finite(total, "discriminator")  # before the optimizer step, which the caller skips on raise
         return {"discriminator": total.item()}
 
-    def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond):
-        """Huber and generator terms for the slots in z_phi (slot indices j: a slice)."""
+    def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond, s_adv=None):
+        """Huber and generator terms for the slots in z_phi (slot indices j: a slice; `s_adv`: the slots'
+        adversarial σ, instead of their timesteps t_adv)."""
         cfg = self.config
         w = self.weights[j]
         huber = torch.zeros((), device=self.device)
@@ -241,7 +246,8 @@ class Trainer:
         generator = torch.zeros((), device=self.device)
         if cfg.uses_gan:
             d = self.discriminators
-            feats = self.backbone_features(z_phi, t_adv[j], self.s_to[j], noise[j], cond)
+            feats = self.backbone_features(z_phi, None if t_adv is None else t_adv[j], self.s_to[j], noise[j], cond,
+                                           None if s_adv is None else s_adv[j])
             if cfg.uses_relative:
                 generator = generator + losses.hinge_generator(d.relative(feats)).sum()
             if cfg.uses_absolute:
@@ -257,6 +263,8 @@ class Trainer:
         groups = [slice(j, j + 1) for j in range(self.steps)] if cfg.low_memory else [slice(0, self.steps)]
         huber_sum, gen_sum = 0.0, 0.0
         try:
+            if self.step_graphs is not None and not cfg.low_memory:
+                return self._student_step_graphed(inputs, relative, absolute, self.adversarial_sigmas(t_adv), noise, cond)
             for j in groups:
                 z_phi = self.ddim_step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
                 huber, generator = self._student_losses(z_phi, j, relative, absolute, t_adv, noise, cond)
@@ -270,6 +278,25 @@ class Trainer:
                 self.discriminators.requires_grad_(True)
             self.lora.set_enabled(True)
         return {"loss": huber_sum + gen_sum, "huber": huber_sum, "generator": gen_sum}
+
+    def _student_step_graphed(self, inputs, relative, absolute, s_adv, noise, cond) -> dict:
+        """The student's batched step as one graph (self.step_graphs): the same losses, gradients by
+        torch.autograd.grad instead of backward (nothing accumulates), checked for finiteness after the replay."""
+        parameters = list(self.lora.parameters())
+        every = slice(0, self.steps)
+
+        def step(tensors, handle):
+            inputs_, relative_, absolute_, s_adv_, noise_ = tensors
+            z_phi = self.ddim_step(inputs_, self.s_from, self.s_to, handle, 1.0, student=True)
+            huber, generator = self._student_losses(z_phi, every, relative_, absolute_, None, noise_, handle, s_adv_)
+            grads = torch.autograd.grad(huber + generator, parameters, allow_unused=True)
+            return (huber, generator) + tuple(torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads))
+        huber, generator, *grads = self.step_graphs(step, (inputs, relative, absolute, s_adv, noise), cond)
+        self._check_finite(huber + generator, "student")
+        for p, g in zip(parameters, grads):
+            p.grad = g  # the graph's output: used by this iteration's optimizer step, overwritten by the next replay
+        h, g = huber.item(), generator.item()
+        return {"loss": h + g, "huber": h, "generator": g}
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         loss = loss.detach()

@@ -1,0 +1,85 @@
+"""The student's whole step as one CUDA graph (Config.step_graphs, issue #17: the per-pass graphs with grad crash
+under cudaMallocAsync). On the CPU the step runs eagerly through the same code: its losses and LoRA gradients
+(torch.autograd.grad inside the step) must be those of the per-pass path (loss.backward()), and the conditioning the
+graph would keep must line up tensor for tensor between trajectories. The capture itself needs a GPU (bench/NOTES.md)."""
+import pytest
+import torch
+
+import rapm_fixtures
+from headless import tiny_models
+from comfy_rapm import cuda_graphs, session, settings
+
+
+@pytest.fixture(scope="module")
+def teacher(host):
+    return tiny_models.make_model_patcher("sd15", seed=5)
+
+
+@pytest.fixture(scope="module")
+def tset(host, teacher, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("step_graphs") / "set"
+    return rapm_fixtures.make_trajectory_set(folder, teacher, count=4, steps=4, fine_steps=2, cfg=2.0, prompts=2)
+
+
+def _config(**kw):
+    base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
+                delta=20, seed=7, checkpoint_every=100)
+    base.update(kw)
+    return settings.Config(**base)
+
+
+def _student_step(teacher, tset, step_graphs, **kw):
+    """One discriminators' iteration, then the student's backward on the next draws: its losses and gradients."""
+    sess = session.Session(teacher, tset, _config(step_graphs=step_graphs, **kw))
+
+    def fit(tr):
+        assert (tr.step_graphs is not None) is step_graphs
+        tr.run_iteration()
+        draws = tr.draw()
+        result = tr.backward(draws, True)
+        return result, [p.grad.detach().clone() for p in tr.lora.parameters()]
+    return sess.run(fit)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("mode", ["rapm", "absolute_only"])
+def test_the_whole_step_gives_the_losses_and_gradients_of_the_per_pass_backward(teacher, tset, mode):
+    per_pass, per_pass_grads = _student_step(teacher, tset, False, mode=mode)
+    whole, whole_grads = _student_step(teacher, tset, True, mode=mode)
+    for key in ("loss", "huber", "generator"):
+        assert whole[key] == pytest.approx(per_pass[key], rel=1e-5, abs=1e-8), key
+    assert per_pass["generator"] != 0  # the adversarial term is in the comparison
+    flat = [torch.cat([g.flatten() for g in grads]) for grads in (per_pass_grads, whole_grads)]
+    assert flat[0].norm() > 0 and _rel(flat[1], flat[0]) < 1e-4
+
+
+def test_low_memory_keeps_its_slot_by_slot_path(teacher, tset):
+    sess = session.Session(teacher, tset, _config(step_graphs=True, low_memory=True))
+    assert sess.run(lambda tr: tr.step_graphs) is None
+
+
+def test_the_kept_conditioning_lines_up_between_trajectories(teacher, tset):
+    from comfy_rapm import host
+    sess = session.Session(teacher, tset, _config())
+
+    def handles(tr):
+        return [host.conditioning_tensors(tr.data.conditioning(i)) for i in (0, 1)]
+    first, second = sess.run(handles)
+    assert len(first) == len(second) > 0
+    assert [(t.shape, t.dtype) for t in first] == [(t.shape, t.dtype) for t in second]
+    assert all(t.device == torch.device("cpu") for t in first)  # the denoiser's device
+    positive = sess.data[1].positive[0][0]  # trajectory 1's prompt embedding is among its handle's tensors
+    assert any(t.shape == positive.shape and torch.equal(t, positive) for t in second)
+    assert not any(t.shape == positive.shape and torch.equal(t, positive) for t in first)
+
+
+def test_off_cuda_the_step_runs_eagerly_and_nothing_is_captured():
+    calls = []
+    graphs = cuda_graphs.StepGraphs(lambda handle: [handle], pause=lambda: pytest.fail("paused off CUDA"))
+    x, handle = torch.ones(2), torch.zeros(2)
+    out = graphs(lambda tensors, h: calls.append(h) or (tensors[0] * 2, tensors[0] + h), (x, None), handle)
+    assert calls == [handle] and torch.equal(out[0], 2 * x) and torch.equal(out[1], x)
+    assert graphs.graphs == {} and graphs.replays == 0 and not graphs.failed
