@@ -8,7 +8,7 @@ TESTS ?= tests
 # and the minute-long check that training lowers the error do not depend on the host: the pinned host runs them.
 HOST_TESTS := tests/test_host.py tests/test_headless.py tests/test_trainer.py tests/test_workflows.py tests/test_frontend_run.py \
 	tests/test_server.py tests/test_frontend.py tests/test_sampler_node.py tests/test_trajectories.py \
-	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py \
+	tests/test_lora_save.py tests/test_emoji_demo.py tests/test_tiny_models.py tests/test_step_graphs.py \
 	--deselect tests/test_trainer.py::test_training_lowers_the_four_step_error_against_the_teacher_endpoints
 HOST_DIR = $(CURDIR)/.comfyui/hosts/$(HOST)
 

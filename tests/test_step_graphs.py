@@ -83,3 +83,24 @@ def test_off_cuda_the_step_runs_eagerly_and_nothing_is_captured():
     out = graphs(lambda tensors, h: calls.append(h) or (tensors[0] * 2, tensors[0] + h), (x, None), handle)
     assert calls == [handle] and torch.equal(out[0], 2 * x) and torch.equal(out[1], x)
     assert graphs.graphs == {} and graphs.replays == 0 and not graphs.failed
+
+
+def test_the_step_asks_nothing_of_the_device_that_a_capture_forbids(teacher, tset, monkeypatch):
+    """A CUDA graph's capture fails on an op that makes the host wait for the device (.item(), a tensor's truth
+    value, nonzero): the step, host sampling code included, must have none; the checks come after the replay."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def recorded(self, step, tensors, handle):
+        with Record():
+            return step(tensors, handle)
+    monkeypatch.setattr(cuda_graphs.StepGraphs, "__call__", recorded)
+    _student_step(teacher, tset, True)
+    assert "convolution.default" in seen  # the UNet ran under the recorder
+    waits = sorted({name for name in seen if name.split(".")[0] in ("_local_scalar_dense", "is_nonzero", "nonzero", "item")})
+    assert waits == []
