@@ -48,7 +48,8 @@ class HeadSet(nn.Module):
         """Head `index` on its feature map (one head at a time keeps one head's activations alive)."""
         head = self.heads[index]
         if self.autocast_dtype is not None and self.autocast_dtype != torch.float32 and feature.device.type == "cuda":
-            with torch.autocast(feature.device.type, dtype=self.autocast_dtype):
+            # no cast cache: each weight is used once per call, and a cache must not outlive a CUDA graph's capture
+            with torch.autocast(feature.device.type, dtype=self.autocast_dtype, cache_enabled=False):
                 return head(feature)
         return head(feature.to(head.out.weight.dtype))
 

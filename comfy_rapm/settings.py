@@ -41,9 +41,11 @@ class Config:
     # between the two (only the discriminators step), so the values and draws are those of separate iterations. An
     # option for A/B runs (perf.py `paired`); off until measured.
     paired_iterations: bool = False
-    # The student's whole step (its pass, the backbone's features, the heads, the losses and the LoRA's gradients) as
-    # one CUDA graph instead of per-pass graphs with grad: every allocation made and freed inside one graph, as PyTorch's
-    # cudaMallocAsync allocator supports. An option for A/B runs (perf.py `step_graph`); off until measured.
+    # Each side's whole step as one CUDA graph: the student's (its pass, the backbone's features, the heads, the
+    # losses and the LoRA's gradients) instead of per-pass graphs with grad, the discriminators' (the backbone's
+    # features and the heads' losses and gradients, head by head) instead of eager heads. Every allocation is made and
+    # freed inside one graph, as PyTorch's cudaMallocAsync allocator supports. An option for A/B runs (perf.py
+    # `step_graph`); off until measured.
     step_graphs: bool = False
 
     RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",

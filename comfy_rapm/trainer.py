@@ -207,30 +207,64 @@ class Trainer:
         return self._discriminator_backward(outputs, relative, positions[1:], draws.t_adv, noise, cond)
 
     def _discriminator_backward(self, fakes, relative, absolute, t_adv, noise, cond) -> dict:
-        cfg, d, n = self.config, self.discriminators, self.steps
+        cfg = self.config
         reals = [r for r, used in ((relative, cfg.uses_relative), (absolute, cfg.uses_absolute)) if used]
         batch = torch.cat([fakes] + reals)
         repeat = len(reals) + 1
-        with torch.no_grad():
-            feats = self.backbone_features(batch, t_adv.repeat(repeat), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1), cond)
         self.disc_opt.zero_grad(set_to_none=True)
-        # Σ_slots w_n · mean over heads of each head's hinge term, back-propagated one head at a time: each head
-        # owns its parameters and reads detached features, so the gradients are those of the whole sum, while
-        # only one head's activations are alive (all of them at once were ~2 GiB for SD1.5).
-        parts = []  # (discriminator, block of real rows, slot weights)
+        s_adv, s_n, noise = self.adversarial_sigmas(t_adv.repeat(repeat)), self.s_to.repeat(repeat), noise.repeat(repeat, 1, 1, 1)
+        if self.step_graphs is not None:
+            return self._discriminator_step_graphed(batch, s_adv, s_n, noise, cond)
+        with torch.no_grad():
+            feats = self.backbone_features(batch, None, s_n, noise, cond, s_adv)
+        total = torch.zeros((), device=self.device)
+        for loss, _ in self._head_losses(feats):
+            loss.backward()
+            total = total + loss.detach()
+        self._check_finite(total, "discriminator")  # before the optimizer step, which the caller skips on raise
+        return {"discriminator": total.item()}
+
+    def _head_losses(self, feats):
+        """(loss, head) for each head of each discriminator in use: Σ_slots w_n · the head's hinge term / heads. Each
+        head owns its parameters and reads detached features, so back-propagating one at a time gives the gradients
+        of the whole sum while only one head's activations are alive (all of them at once were ~2 GiB for SD1.5)."""
+        n = self.steps
+        for heads, part, weights in self._discriminators_in_use():
+            for i, f in enumerate(feats):  # fakes are rows 0…n-1, the reals block `part`
+                logits = heads.head_logits(i, torch.cat([f[:n], f[part * n:(part + 1) * n]]))
+                term = losses.hinge_discriminator_head(logits[:n], logits[n:]) / len(feats)
+                yield (term if weights is None else weights * term).sum(), heads.heads[i]
+
+    def _discriminators_in_use(self) -> list:
+        """(discriminator, block of real rows in the batch, slot weights) for each discriminator the mode trains."""
+        cfg, d = self.config, self.discriminators
+        parts = []
         if cfg.uses_relative:
             parts.append((d.relative, 1, None))
         if cfg.uses_absolute:
             parts.append((d.absolute, len(parts) + 1, self.weights))
-        total = torch.zeros((), device=self.device)
-        for heads, part, weights in parts:
-            for i, f in enumerate(feats):  # fakes are rows 0…n-1, the reals block `part`
-                logits = heads.head_logits(i, torch.cat([f[:n], f[part * n:(part + 1) * n]]))
-                term = losses.hinge_discriminator_head(logits[:n], logits[n:]) / len(feats)
-                loss = (term if weights is None else weights * term).sum()
-                loss.backward()
+        return parts
+
+    def _discriminator_step_graphed(self, batch, s_adv, s_n, noise, cond) -> dict:
+        """The discriminators' step as one graph (self.step_graphs): the backbone's features, then head by head its
+        loss and torch.autograd.grad into that head; a discriminator not in use keeps no gradient, as with backward."""
+        used = [p for heads, _, _ in self._discriminators_in_use() for head in heads.heads for p in head.parameters()]
+
+        def step(tensors, handle):
+            batch_, s_adv_, s_n_, noise_ = tensors
+            with torch.no_grad():
+                feats = self.backbone_features(batch_, None, s_n_, noise_, handle, s_adv_)
+            total, grads = torch.zeros((), device=self.device), []
+            for loss, head in self._head_losses(feats):  # the heads in `used`'s order
+                grads += torch.autograd.grad(loss, list(head.parameters()))
                 total = total + loss.detach()
-        self._check_finite(total, "discriminator")  # before the optimizer step, which the caller skips on raise
+            if len(grads) != len(used):
+                raise RuntimeError(f"{len(grads)} head gradients for {len(used)} head parameters")
+            return (total,) + tuple(grads)
+        total, *grads = self.step_graphs(step, (batch, s_adv, s_n, noise), cond)
+        self._check_finite(total, "discriminator")
+        for p, g in zip(used, grads):
+            p.grad = g  # the graph's output: used by this iteration's optimizer step, overwritten by the next replay
         return {"discriminator": total.item()}
 
     def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond, s_adv=None):

@@ -104,3 +104,21 @@ def test_the_step_asks_nothing_of_the_device_that_a_capture_forbids(teacher, tse
     assert "convolution.default" in seen  # the UNet ran under the recorder
     waits = sorted({name for name in seen if name.split(".")[0] in ("_local_scalar_dense", "is_nonzero", "nonzero", "item")})
     assert waits == []
+
+
+@pytest.mark.parametrize("mode", ["rapm", "relative_only"])
+def test_the_discriminators_whole_step_gives_the_loss_and_gradients_of_head_by_head_backward(teacher, tset, mode):
+    def discriminator_step(step_graphs):
+        sess = session.Session(teacher, tset, _config(step_graphs=step_graphs, mode=mode))
+
+        def fit(tr):
+            result = tr.backward(tr.draw(), False)
+            return result, [None if p.grad is None else p.grad.detach().clone() for p in tr.discriminators.parameters()]
+        return sess.run(fit)
+    (per_head, per_head_grads), (whole, whole_grads) = discriminator_step(False), discriminator_step(True)
+    assert whole["discriminator"] == pytest.approx(per_head["discriminator"], rel=1e-6)
+    assert [g is None for g in whole_grads] == [g is None for g in per_head_grads]  # relative_only: D2 keeps none
+    assert any(g is None for g in per_head_grads) == (mode == "relative_only")
+    for a, b in zip(per_head_grads, whole_grads):
+        if a is not None:
+            assert torch.equal(a, b)
