@@ -308,9 +308,6 @@ class Progress:
     def update_absolute(self, value: int, preview=None):
         self.bar.update_absolute(value, self.total, preview)
 
-    def update(self, n: int = 1):
-        self.bar.update(n)
-
 
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
