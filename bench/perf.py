@@ -55,7 +55,7 @@ ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
                  "paired", "step_graph"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next
-# one's no-grad work; step_graph: Config(step_graphs=True), the student's whole step as one CUDA graph
+# one's no-grad work; step_graph: Config(step_graphs=True), each side's whole step as one CUDA graph
 
 
 def import_host(comfyui: str | None):

@@ -252,7 +252,7 @@ class StepGraphs:
                     raise
                 self.failed, self.error = True, f"{type(error).__name__}: {error}"
                 self.graphs.clear()
-                log.warning("CUDA graph capture of the whole student step failed (%s); it runs eagerly", self.error)
+                log.warning("CUDA graph capture of a whole training step failed (%s); the steps run eagerly", self.error)
                 torch.cuda.synchronize()
             finally:
                 torch.cuda.empty_cache()

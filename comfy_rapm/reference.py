@@ -39,9 +39,9 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
             if cfg.uses_absolute:
                 loss = loss + w * losses.pseudo_huber(z_phi, z_tilde, cfg.huber_c).sum()
         if cfg.uses_gan:
-            t, n = draws.t_adv[j:j + 1], noise[j:j + 1]
+            s_adv, n = tr.adversarial_sigmas(draws.t_adv[j:j + 1]), noise[j:j + 1]
             if student_turn:
-                f = tr.backbone_features(z_phi, t, s1, n, cond)
+                f = tr.backbone_features(z_phi, s_adv, s1, n, cond)
                 g = torch.zeros((), device=tr.device)
                 if cfg.uses_relative:
                     g = g + losses.hinge_generator(d.relative(f)).sum()
@@ -50,9 +50,9 @@ def reference_backward(tr, draws, student_turn: bool) -> dict:
                 loss = loss + cfg.adversarial_weight * g
             else:
                 with torch.no_grad():
-                    fake = tr.backbone_features(z_phi.detach(), t, s1, n, cond)
-                    real_rel = tr.backbone_features(z_hat, t, s1, n, cond) if cfg.uses_relative else None
-                    real_abs = tr.backbone_features(z_tilde, t, s1, n, cond) if cfg.uses_absolute else None
+                    fake = tr.backbone_features(z_phi.detach(), s_adv, s1, n, cond)
+                    real_rel = tr.backbone_features(z_hat, s_adv, s1, n, cond) if cfg.uses_relative else None
+                    real_abs = tr.backbone_features(z_tilde, s_adv, s1, n, cond) if cfg.uses_absolute else None
                 if cfg.uses_relative:
                     loss = loss + losses.hinge_discriminator(d.relative(fake), d.relative(real_rel)).sum()
                 if cfg.uses_absolute:

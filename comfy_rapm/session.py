@@ -72,11 +72,10 @@ class Session:
 
     def __init__(self, model, trajectory_set: TrajectorySet, config: settings.Config):
         self.model, self.set, self.config = model, trajectory_set, config
-        step_graphs = config.step_graphs and config.uses_cuda_graphs and not config.low_memory  # they replace those below
-        self.student_graphs_off_reason = (cuda_graphs_mod.parameter_graphs_unsupported_reason()
-                                          if config.uses_graded_graphs and not step_graphs else None)
-        # with step graphs, a failed step capture falls back to the backbone's per-pass graded graphs only
-        self.student_graphs = config.uses_graded_graphs and not step_graphs and self.student_graphs_off_reason is None
+        # step graphs replace the student's per-pass graded graphs: a failed step capture falls back to the backbone's only
+        student_graded = config.uses_graded_graphs and not config.uses_step_graphs
+        self.student_graphs_off_reason = cuda_graphs_mod.parameter_graphs_unsupported_reason() if student_graded else None
+        self.student_graphs = student_graded and self.student_graphs_off_reason is None
         if self.student_graphs_off_reason:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
         self.graphs = self.step_graphs = None
@@ -113,7 +112,7 @@ class Session:
                                                  paired_conditioning),
                     denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                     features, device)
-                if graphs is not None and config.step_graphs:
+                if graphs is not None and config.uses_step_graphs:
                     tr.step_graphs = cuda_graphs_mod.StepGraphs(host.conditioning_tensors, graphs.paused,
                                                                 interrupts=host.interrupted_types())
                 self.graphs, self.step_graphs = graphs, tr.step_graphs

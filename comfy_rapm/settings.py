@@ -79,6 +79,10 @@ class Config:
     def uses_graded_graphs(self) -> bool:
         return self.uses_cuda_graphs if self.graded_graphs is None else self.graded_graphs
 
+    @property
+    def uses_step_graphs(self) -> bool:
+        return self.step_graphs and self.uses_cuda_graphs and not self.low_memory
+
     def resume_key(self) -> dict:
         """What must match to resume: everything but the iteration budget, the checkpoint interval and how it
         runs (the run's identity adds precision and a non-preset head size: run_identity)."""

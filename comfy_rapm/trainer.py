@@ -88,7 +88,7 @@ class Trainer:
         self.student_opt = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                              weight_decay=config.weight_decay)
         self.paired = config.paired_iterations and not config.low_memory and data.paired_conditioning is not None
-        self.step_graphs = None  # a cuda_graphs.StepGraphs: the student's whole step as one graph (set by the session)
+        self.step_graphs = None  # a cuda_graphs.StepGraphs: each side's whole step as one graph (set by the session)
         self._pending: _Pending | None = None
         self.disc_opt = None
         if config.uses_gan:
@@ -109,10 +109,9 @@ class Trainer:
     def adversarial_sigmas(self, t_adv) -> torch.Tensor:
         return schedule.sigma_at(self.ms, t_adv).to(self.device)
 
-    def backbone_features(self, z_vp, t_adv, s_n, noise, cond, s_adv=None):
-        """Features of the frozen teacher at adv_t (or at σ `s_adv`) for positions re-noised from t_n."""
+    def backbone_features(self, z_vp, s_adv, s_n, noise, cond):
+        """Features of the frozen teacher at σ(adv_t) = `s_adv` for positions re-noised from t_n."""
         self.lora.set_enabled(False)
-        s_adv = self.adversarial_sigmas(t_adv) if s_adv is None else s_adv
         x = schedule.renoise(self.ms, schedule.from_vp(z_vp, s_n, self.ms), s_n, s_adv, noise)
         return self.features(x, s_adv, cond)
 
@@ -216,7 +215,7 @@ class Trainer:
         if self.step_graphs is not None:
             return self._discriminator_step_graphed(batch, s_adv, s_n, noise, cond)
         with torch.no_grad():
-            feats = self.backbone_features(batch, None, s_n, noise, cond, s_adv)
+            feats = self.backbone_features(batch, s_adv, s_n, noise, cond)
         total = torch.zeros((), device=self.device)
         for loss, _ in self._head_losses(feats):
             loss.backward()
@@ -253,7 +252,7 @@ class Trainer:
         def step(tensors, handle):
             batch_, s_adv_, s_n_, noise_ = tensors
             with torch.no_grad():
-                feats = self.backbone_features(batch_, None, s_n_, noise_, handle, s_adv_)
+                feats = self.backbone_features(batch_, s_adv_, s_n_, noise_, handle)
             total, grads = torch.zeros((), device=self.device), []
             for loss, head in self._head_losses(feats):  # the heads in `used`'s order
                 grads += torch.autograd.grad(loss, list(head.parameters()))
@@ -267,9 +266,8 @@ class Trainer:
             p.grad = g  # the graph's output: used by this iteration's optimizer step, overwritten by the next replay
         return {"discriminator": total.item()}
 
-    def _student_losses(self, z_phi, j, relative, absolute, t_adv, noise, cond, s_adv=None):
-        """Huber and generator terms for the slots in z_phi (slot indices j: a slice; `s_adv`: the slots'
-        adversarial σ, instead of their timesteps t_adv)."""
+    def _student_losses(self, z_phi, j, relative, absolute, s_adv, noise, cond):
+        """Huber and generator terms for the slots in z_phi (slot indices j: a slice; `s_adv`: every slot's σ(adv_t))."""
         cfg = self.config
         w = self.weights[j]
         huber = torch.zeros((), device=self.device)
@@ -280,8 +278,7 @@ class Trainer:
         generator = torch.zeros((), device=self.device)
         if cfg.uses_gan:
             d = self.discriminators
-            feats = self.backbone_features(z_phi, None if t_adv is None else t_adv[j], self.s_to[j], noise[j], cond,
-                                           None if s_adv is None else s_adv[j])
+            feats = self.backbone_features(z_phi, s_adv[j], self.s_to[j], noise[j], cond)
             if cfg.uses_relative:
                 generator = generator + losses.hinge_generator(d.relative(feats)).sum()
             if cfg.uses_absolute:
@@ -292,16 +289,17 @@ class Trainer:
     def _student_backward(self, inputs, relative, absolute, t_adv, noise, cond) -> dict:
         cfg = self.config
         self.student_opt.zero_grad(set_to_none=True)
-        if self.discriminators is not None:
-            self.discriminators.requires_grad_(False)
         groups = [slice(j, j + 1) for j in range(self.steps)] if cfg.low_memory else [slice(0, self.steps)]
         huber_sum, gen_sum = 0.0, 0.0
+        s_adv = self.adversarial_sigmas(t_adv)
+        if self.discriminators is not None:
+            self.discriminators.requires_grad_(False)
         try:
-            if self.step_graphs is not None and not cfg.low_memory:
-                return self._student_step_graphed(inputs, relative, absolute, self.adversarial_sigmas(t_adv), noise, cond)
+            if self.step_graphs is not None:
+                return self._student_step_graphed(inputs, relative, absolute, s_adv, noise, cond)
             for j in groups:
                 z_phi = self.ddim_step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
-                huber, generator = self._student_losses(z_phi, j, relative, absolute, t_adv, noise, cond)
+                huber, generator = self._student_losses(z_phi, j, relative, absolute, s_adv, noise, cond)
                 loss = huber + generator
                 self._check_finite(loss, "student")
                 loss.backward()
@@ -322,9 +320,8 @@ class Trainer:
         def step(tensors, handle):
             inputs_, relative_, absolute_, s_adv_, noise_ = tensors
             z_phi = self.ddim_step(inputs_, self.s_from, self.s_to, handle, 1.0, student=True)
-            huber, generator = self._student_losses(z_phi, every, relative_, absolute_, None, noise_, handle, s_adv_)
-            grads = torch.autograd.grad(huber + generator, parameters, allow_unused=True)
-            return (huber, generator) + tuple(torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads))
+            huber, generator = self._student_losses(z_phi, every, relative_, absolute_, s_adv_, noise_, handle)
+            return (huber, generator) + torch.autograd.grad(huber + generator, parameters)
         huber, generator, *grads = self.step_graphs(step, (inputs, relative, absolute, s_adv, noise), cond)
         self._check_finite(huber + generator, "student")
         for p, g in zip(parameters, grads):

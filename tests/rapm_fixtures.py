@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from headless import tiny_models
-from comfy_rapm import conditioning, host, session, trajectories
+from comfy_rapm import conditioning, host, session, settings, trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY_DIR = ROOT / "bench" / "quality"
@@ -17,6 +17,13 @@ def import_quality_benchmark() -> None:
     for p in (str(ROOT), str(QUALITY_DIR)):
         if p not in sys.path:
             sys.path.insert(0, p)
+
+
+def tiny_training_config(**overrides) -> settings.Config:
+    """A training run small enough for the tiny models on a CPU: 4 iterations, rank 4, learning rates 1e-3, Δ 20."""
+    base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
+                delta=20, seed=0, checkpoint_every=100)
+    return settings.Config(**dict(base, **overrides))
 
 
 def make_trajectory_set(folder, model, kind="sd15", count=4, steps=4, fine_steps=3, cfg=2.0, seed=0, batch_size=2,

@@ -2,12 +2,14 @@
 also computes the next (student) iteration's no-grad work in one batch. The LoRA does not change in between, so
 the losses and updates are those of separate iterations (fp32 on the CPU: to rounding); the draws are the same,
 and a checkpoint written between the two resumes to the same run."""
+import functools
+
 import pytest
 import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import session, settings, trainer
+from comfy_rapm import session
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,7 @@ def tset(host, teacher, tmp_path_factory):
     return rapm_fixtures.make_trajectory_set(folder, teacher, count=6, steps=4, fine_steps=2, cfg=2.0, prompts=3)
 
 
-def _config(**kw):
-    base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
-                delta=20, seed=7, checkpoint_every=100)
-    base.update(kw)
-    return settings.Config(**base)
+_config = functools.partial(rapm_fixtures.tiny_training_config, seed=7)
 
 
 def _rel(a, b):

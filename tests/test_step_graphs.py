@@ -1,13 +1,15 @@
-"""The student's whole step as one CUDA graph (Config.step_graphs, issue #17: the per-pass graphs with grad crash
-under cudaMallocAsync). On the CPU the step runs eagerly through the same code: its losses and LoRA gradients
+"""Each side's whole step as one CUDA graph (Config.step_graphs, issue #17: the per-pass graphs with grad crash
+under cudaMallocAsync). On the CPU the steps run eagerly through the same code: their losses and gradients
 (torch.autograd.grad inside the step) must be those of the per-pass path (loss.backward()), and the conditioning the
 graph would keep must line up tensor for tensor between trajectories. The capture itself needs a GPU (bench/NOTES.md)."""
+import functools
+
 import pytest
 import torch
 
 import rapm_fixtures
 from headless import tiny_models
-from comfy_rapm import cuda_graphs, session, settings
+from comfy_rapm import cuda_graphs, session
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,7 @@ def tset(host, teacher, tmp_path_factory):
     return rapm_fixtures.make_trajectory_set(folder, teacher, count=4, steps=4, fine_steps=2, cfg=2.0, prompts=2)
 
 
-def _config(**kw):
-    base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
-                delta=20, seed=7, checkpoint_every=100)
-    base.update(kw)
-    return settings.Config(**base)
+_config = functools.partial(rapm_fixtures.tiny_training_config, seed=7)
 
 
 def _student_step(teacher, tset, step_graphs, **kw):

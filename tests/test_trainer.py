@@ -1,4 +1,5 @@
 """RAPMTrain: the semantics of Alg. 2, checkpoints and resume, on tiny models on the real host."""
+import functools
 import os
 import sys
 
@@ -21,11 +22,7 @@ def tset(host, teacher, tmp_path_factory):
     return rapm_fixtures.make_trajectory_set(folder, teacher, count=4, steps=4, fine_steps=3, cfg=2.0)
 
 
-def _config(**kw):
-    base = dict(iterations=4, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, discriminator_learning_rate=1e-3,
-                delta=20, seed=0, checkpoint_every=2)
-    base.update(kw)
-    return settings.Config(**base)
+_config = functools.partial(rapm_fixtures.tiny_training_config, checkpoint_every=2)
 
 
 def _params(module):
@@ -106,7 +103,7 @@ def test_slots_are_decoupled_and_slot_by_slot_backprop_gives_the_same_gradient(t
         def grads(j, slot_inputs):
             tr.lora.zero_grad(set_to_none=True)
             z = tr.ddim_step(slot_inputs[j], tr.s_from[j], tr.s_to[j], cond, 1.0, student=True)
-            h, g = tr._student_losses(z, j, relative, positions[1:], t_adv, noise, cond)
+            h, g = tr._student_losses(z, j, relative, positions[1:], tr.adversarial_sigmas(t_adv), noise, cond)
             (h + g).backward()
             return torch.cat([p.grad.flatten() for p in tr.lora.parameters()])
 
