@@ -9,7 +9,8 @@ With no options it measures what the issue's targets need, for SD1.5 and SDXL, i
 under ten minutes (H100): trajectories at the node's default batch size; the node's default
 training configuration (`checkpointing`), the 12 GB one (`checkpointing+heads1x1`), checkpointing off
 (`default`), the low-memory mode and the reference; the SD1.5 equivalence check. The ablations
-(`no_graded_graphs`, `no_cuda_graphs`, `low_memory` alone) run when named in --variants.
+(`no_step_graphs`: per-pass graphs instead of each side's whole step, `no_graded_graphs`, `no_cuda_graphs`,
+`low_memory` alone) and the option `paired` run when named in --variants.
 Prints a table last; writes JSON with the card, torch version, date and this command."""
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
-                 "paired", "step_graph"}  # paired: Trainer(paired=True), the discriminators' iteration batched with the next
-# one's no-grad work; step_graph: Config(step_graphs=True), each side's whole step as one CUDA graph
+                 "paired", "no_step_graphs"}  # paired: Trainer(paired=True), the discriminators' iteration batched with
+# the next one's no-grad work; no_step_graphs: Config(step_graphs=False), per-pass graphs instead of each side's whole step
 
 
 def import_host(comfyui: str | None):
@@ -204,7 +205,7 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
         graded_graphs=False if "no_graded_graphs" in parts else None,
         discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts,
-        step_graphs="step_graph" in parts))
+        step_graphs="no_step_graphs" not in parts))
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -318,10 +319,10 @@ def strict_kernels(enabled: bool):
         torch.use_deterministic_algorithms(saved[4])
 
 
-def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False, step_graphs=False):
+def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False, step_graphs=True):
     """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
     CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients (with `step_graphs`,
-    the student's whole step as one graph)."""
+    each side's whole step as one graph; else per-pass graphs)."""
     from comfy_rapm.reference import compare_with_product
     from comfy_rapm import session
     sess = session.Session(patcher, tset, make_config(kind, 2, rank, precision=precision,
@@ -495,8 +496,8 @@ def main(argv=None):
     p.add_argument("--equivalence-models", default="sd15,tiny",
                    help="models the equivalence check runs on (SDXL's reference and product at once need ~50 GiB)")
     p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
-                   "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), step_graph (the student's "
-                   "whole step as one graph), e.g. fp32+deterministic")
+                   "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), per_pass (per-pass graphs "
+                   "instead of each side's whole step as one graph), e.g. fp32+deterministic")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--force-cuda-graphs", action="store_true",
@@ -573,14 +574,14 @@ def main(argv=None):
             equivalence = not args.skip_equivalence and kind in args.equivalence_models.split(",")
             for item in args.equivalence_precision.split(",") if equivalence else []:
                 precision, *options = item.split("+")
-                if set(options) - {"checkpointing", "deterministic", "step_graph"}:
-                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic, +step_graph")
+                if set(options) - {"checkpointing", "deterministic", "per_pass"}:
+                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic, +per_pass")
                 key = "_".join(["equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"] + options)
                 reset_peak()
                 started = time.perf_counter()
                 with strict_kernels("deterministic" in options):
                     entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options,
-                                                   "step_graph" in options)
+                                                   "per_pass" not in options)
                 entry[key]["wall_seconds"] = time.perf_counter() - started
                 print(f"[{kind}] {key} {entry[key]}", flush=True)
                 save()

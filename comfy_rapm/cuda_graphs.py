@@ -40,8 +40,7 @@ def parameter_graphs_unsupported_reason() -> str | None:
     backend = allocator_backend()
     if backend != "native":
         return (f"PyTorch's CUDA allocator is {backend}, under which CUDA graphs of the student's passes with grad "
-                "crashed in our tests; those passes run without CUDA graphs, which is slower. Start ComfyUI "
-                "with --disable-cuda-malloc for full speed.")
+                "crashed in our tests; those passes run without CUDA graphs, which is slower.")
     return None
 
 
@@ -217,6 +216,47 @@ class GraphedCalls:
         return replay
 
 
+# Ops a CUDA graph capture refuses because the host would wait for the device (.item(), a tensor's truth value, a
+# data-dependent shape).
+_HOST_WAITS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
+                         "unique_consecutive", "unique_dim"})
+
+
+class CaptureBlocked(RuntimeError):
+    """A step does what a CUDA graph capture forbids; found in an eager run before any capture."""
+
+
+def capture_blockers(call: Callable[[], object]) -> tuple[object, list[str]]:
+    """Run `call()` eagerly and list what would make a CUDA graph capture of it fail: ops that make the host wait
+    for the device, and copies between the host and a device from memory that is not pinned (a capture raises on
+    them, and under cudaMallocAsync the tensors a failed capture leaves behind crash the process when freed).
+    Returns (call's result, the blockers, each once, first seen first)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    found: dict[str, None] = {}
+
+    def device_of(value):
+        return value.device if isinstance(value, torch.Tensor) else None
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.__name__.split(".")[0]
+            if name in _HOST_WAITS:
+                found[f"{func.__name__} (the host waits for the device)"] = None
+            elif name in ("_to_copy", "copy_"):
+                source, target = (args[0], out) if name == "_to_copy" else (args[1], args[0])
+                devices = (device_of(source), device_of(target))
+                if None not in devices and devices[0] != devices[1] and "cpu" in (devices[0].type, devices[1].type):
+                    host_side = source if devices[0].type == "cpu" else target
+                    if not host_side.is_pinned():
+                        found[f"{func.__name__} from {devices[0]} to {devices[1]} (unpinned host memory)"] = None
+            return out
+    with Watch():
+        result = call()
+    return result, list(found)
+
+
 class StepGraphs:
     """A whole step with grad — model passes, losses and `torch.autograd.grad` into the parameters — replayed from one
     CUDA graph per input signature. Every allocation of the step is made and freed inside its graph, which is what
@@ -268,7 +308,10 @@ class StepGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # off the capture: lazy initialisations, workspaces
-                for _ in range(self.warmup):
+                _, blockers = capture_blockers(lambda: step(static, handle))
+                if blockers:
+                    raise CaptureBlocked("the step cannot be captured: " + "; ".join(blockers))
+                for _ in range(self.warmup - 1):
                     step(static, handle)
             torch.cuda.current_stream().wait_stream(side)
             if self.pool is None:

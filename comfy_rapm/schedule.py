@@ -105,9 +105,11 @@ def _coefficients(model_sampling: ModelSampling, sigma: torch.Tensor, ndim: int)
     """(data coefficient, noise coefficient) of model space at σ: x = a·x0 + s·ε."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
     shape = (-1,) + (1,) * (ndim - 1)
-    zeros, ones = torch.zeros(sigma.shape[0], 1, 1, 1), torch.ones(sigma.shape[0], 1, 1, 1)
-    a = model_sampling.noise_scaling(sigma.cpu(), zeros, ones).reshape(shape)
-    s = model_sampling.noise_scaling(sigma.cpu(), ones, zeros).reshape(shape)
+    # on σ's own device: a copy from the host inside a CUDA graph capture is an error (and a sync outside one)
+    zeros = torch.zeros(sigma.shape[0], 1, 1, 1, device=sigma.device)
+    ones = torch.ones_like(zeros)
+    a = model_sampling.noise_scaling(sigma, zeros, ones).reshape(shape)
+    s = model_sampling.noise_scaling(sigma, ones, zeros).reshape(shape)
     return a, s
 
 

@@ -145,7 +145,10 @@ class Session:
     def safe_path_notice(self) -> str | None:
         """What the node adds to its progress line while it runs a slower, safe path (None: full speed)."""
         from . import convolutions
-        lines = [text for text in (convolutions.notice(), self.student_graphs_off_reason) if text]
+        steps = self.step_graphs
+        steps_off = (f"CUDA graphs of whole training steps are off ({steps.error}); the steps run without them, which "
+                     "is slower." if steps is not None and steps.failed else None)
+        lines = [text for text in (convolutions.notice(), self.student_graphs_off_reason, steps_off) if text]
         return "\n".join(lines) or None
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:

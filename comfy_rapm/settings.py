@@ -44,9 +44,9 @@ class Config:
     # Each side's whole step as one CUDA graph: the student's (its pass, the backbone's features, the heads, the
     # losses and the LoRA's gradients) instead of per-pass graphs with grad, the discriminators' (the backbone's
     # features and the heads' losses and gradients, head by head) instead of eager heads. Every allocation is made and
-    # freed inside one graph, as PyTorch's cudaMallocAsync allocator supports. An option for A/B runs (perf.py
-    # `step_graph`); off until measured.
-    step_graphs: bool = False
+    # freed inside one graph, as PyTorch's cudaMallocAsync allocator supports: on an H200 it runs there at the native
+    # allocator's speed, where per-pass graphs with grad crash (bench/NOTES.md). perf.py's `no_step_graphs` turns it off.
+    step_graphs: bool = True
 
     RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",
                "graded_graphs", "paired_iterations", "step_graphs")

@@ -89,6 +89,7 @@ class RAPMTrain:
 
             def on_iteration(k, losses):
                 bar.update_absolute(k)
+                line.note = sess.safe_path_notice  # a step graph's capture may have failed since the start
                 line.iteration(k, losses)
             checkpoints.train(tr, run, on_iteration, interrupted=host.interrupted_types(), check_interrupt=host.check_interrupt)
             return tr

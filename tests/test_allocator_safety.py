@@ -1,5 +1,6 @@
 """Issue #17, item 1: under PyTorch's cudaMallocAsync allocator (ComfyUI's default) the nodes take the safe path
 for cuDNN autotuning, set cuDNN's flags only inside their run, and say so on their progress line."""
+import dataclasses
 import pytest
 import torch
 
@@ -108,9 +109,18 @@ def test_training_sessions_name_every_safe_path_they_take(host, monkeypatch, tmp
                             discriminator_learning_rate=1e-3, delta=20, seed=0, checkpoint_every=10)
     assert session.Session(teacher, tset, config).safe_path_notice is None  # the CPU: nothing slower taken
     _pretend_cuda_malloc_async(monkeypatch, host)
-    notice = session.Session(teacher, tset, config).safe_path_notice
-    lines = notice.split("\n")
+    # the default, each side's whole step as one graph, runs under cudaMallocAsync: only cuDNN's search is off
+    assert session.Session(teacher, tset, config).safe_path_notice == convolutions.ASYNC_NOTICE
+    per_pass = dataclasses.replace(config, step_graphs=False)
+    lines = session.Session(teacher, tset, per_pass).safe_path_notice.split("\n")
     assert lines[0] == convolutions.ASYNC_NOTICE and "student's passes with grad" in lines[1] and len(lines) == 2
+    sess = session.Session(teacher, tset, config)
+
+    def failed_capture(tr):  # what a failed capture leaves (no capture runs off CUDA)
+        tr.step_graphs.failed, tr.step_graphs.error = True, "RuntimeError: a reason"
+        return sess.safe_path_notice
+    lines = sess.run(failed_capture).split("\n")
+    assert len(lines) == 2 and "whole training steps are off (RuntimeError: a reason)" in lines[1]
 
 
 def test_builds_without_the_cache_release_switch_still_run(monkeypatch):

@@ -30,13 +30,13 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
     ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+paired",
-                 "checkpointing+step_graph"]
+                 "checkpointing+no_step_graphs"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
     assert set(training) == set(ablations) and all(r["seconds_per_iteration"] > 0 for r in training.values())
-    assert training["checkpointing+step_graph"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
-    assert training["checkpointing+paired"]["step_graphs"] is None
+    assert training["checkpointing+paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
+    assert training["checkpointing+no_step_graphs"]["step_graphs"] is None
 
 
 def test_perf_refuses_an_unknown_variant(host, tmp_path):

@@ -84,24 +84,40 @@ def test_off_cuda_the_step_runs_eagerly_and_nothing_is_captured():
 
 
 def test_the_step_asks_nothing_of_the_device_that_a_capture_forbids(teacher, tset, monkeypatch):
-    """A CUDA graph's capture fails on an op that makes the host wait for the device (.item(), a tensor's truth
-    value, nonzero): the step, host sampling code included, must have none; the checks come after the replay."""
+    """The check StepGraphs runs before a capture (cuda_graphs.capture_blockers) finds nothing in the student's step,
+    host sampling code included: the finiteness checks and .item() come after the replay."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    seen = []
+    seen, found = [], []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    def recorded(self, step, tensors, handle):
+    def checked(self, step, tensors, handle):
         with Record():
-            return step(tensors, handle)
-    monkeypatch.setattr(cuda_graphs.StepGraphs, "__call__", recorded)
+            result, blockers = cuda_graphs.capture_blockers(lambda: step(tensors, handle))
+        found.extend(blockers)
+        return result
+    monkeypatch.setattr(cuda_graphs.StepGraphs, "__call__", checked)
     _student_step(teacher, tset, True)
-    assert "convolution.default" in seen  # the UNet ran under the recorder
-    waits = sorted({name for name in seen if name.split(".")[0] in ("_local_scalar_dense", "is_nonzero", "nonzero", "item")})
-    assert waits == []
+    assert "convolution.default" in seen  # the UNet ran under the check
+    assert found == []
+
+
+def test_the_capture_check_names_host_waits_and_copies_between_host_and_device():
+    x = torch.ones(3)
+
+    def step():
+        total = x.sum()
+        if total.item() > 0:  # .item(): the host waits
+            return x.to("meta"), bool(total > 1)  # a copy off the host; a truth value
+        return x, False
+    result, blockers = cuda_graphs.capture_blockers(step)
+    assert result[0].device.type == "meta" and result[1] is True
+    assert len(blockers) == 2  # _local_scalar_dense is named once, for both waits
+    assert "_local_scalar_dense" in blockers[0] and "from cpu to meta" in blockers[1]
+    assert cuda_graphs.capture_blockers(lambda: (x * 2).sum())[1] == []
 
 
 @pytest.mark.parametrize("mode", ["rapm", "relative_only"])

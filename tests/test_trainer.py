@@ -321,19 +321,24 @@ def test_incompatible_trajectories_are_refused_before_training(host, tset):
 
 
 def test_student_graded_graphs_stay_off_under_the_cuda_malloc_async_allocator(teacher, tset, monkeypatch):
-    """ComfyUI's launcher picks cudaMallocAsync by default; with the student's and the backbone's passes with grad
-    both graphed the process crashed under it (each alone ran), so a session keeps the no-grad and the backbone's
-    graphs there, runs the student's passes with grad eagerly and says why (on the node's progress line too)."""
+    """ComfyUI's launcher picks cudaMallocAsync by default; with the student's and the backbone's per-pass graphs with
+    grad both graphed the process crashed under it (each alone ran). The default, each side's whole step as one graph,
+    runs there; with per-pass graphs (step_graphs off) a session keeps the no-grad and the backbone's graphs, runs the
+    student's passes with grad eagerly and says why (on the node's progress line too)."""
     from comfy_rapm import cuda_graphs
-    native = session.Session(teacher, tset, _config())
+    per_pass = _config(step_graphs=False)
+    native = session.Session(teacher, tset, per_pass)
     assert native.student_graphs_off_reason is None and native.config.uses_cuda_graphs and native.config.uses_graded_graphs \
         and native.student_graphs
     graphs = native.run(lambda tr: native.graphs)
     assert graphs.graded and graphs.graded_parameters
     monkeypatch.setattr(cuda_graphs, "allocator_backend", lambda: "cudaMallocAsync")
-    sess = session.Session(teacher, tset, _config())
+    default = session.Session(teacher, tset, _config())
+    assert default.student_graphs_off_reason is None and default.config.uses_step_graphs
+    assert default.run(lambda tr: tr.step_graphs) is not None
+    sess = session.Session(teacher, tset, per_pass)
     assert sess.config.uses_cuda_graphs and sess.config.uses_graded_graphs and not sess.student_graphs
-    assert "cudaMallocAsync" in sess.student_graphs_off_reason and "--disable-cuda-malloc" in sess.student_graphs_off_reason
+    assert "cudaMallocAsync" in sess.student_graphs_off_reason
     graphs = sess.run(lambda tr: sess.graphs)
     assert graphs is not None and graphs.graded and not graphs.graded_parameters
     low = session.Session(teacher, tset, _config(low_memory=True))  # off anyway: nothing to explain
