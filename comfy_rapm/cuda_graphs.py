@@ -14,6 +14,7 @@ activations must survive other graphs' replays until its backward runs."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import weakref
 from typing import Callable
@@ -84,6 +85,44 @@ class _WithParameters(torch.nn.Module):
 
     def forward(self, *tensors):
         return self.fn(*tensors)
+
+
+# Graphs whose capture raised, under an allocator other than the native one: kept, never replayed (_capture_into).
+_NEVER_REPLAYED: list = []
+
+
+def _without_frames(error: BaseException) -> BaseException:
+    """`error` and the exceptions it chains with their tracebacks dropped: nothing keeps the failed call's frames, or
+    the tensors in them, alive."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+    return error
+
+
+def _capture_into(graph, call: Callable[[], object], **options):
+    """call() captured into `graph` (options: torch.cuda.graph's). If call raises, the tensors its frames hold (allocated
+    inside the capture) are released before the capture ends, and the graph is then raised past. Under cudaMallocAsync
+    a tensor of a failed capture freed after the capture ends aborts the process (free_impl: invalid argument; H200,
+    2026-12-03, bench/NOTES.md), and the unreplayed graph is kept rather than destroyed under what it allocated."""
+    failure, result = None, None
+    with torch.cuda.graph(graph, **options):
+        try:
+            result = call()
+        except Exception as error:
+            failure = _without_frames(error)
+            del error
+            gc.collect()  # reference cycles through the frames: collected while the capture is still open
+    if failure is not None:
+        if allocator_backend() != "native":
+            _NEVER_REPLAYED.append(graph)
+        raise failure
+    return result
 
 
 def _outputs(value) -> tuple:
@@ -174,8 +213,7 @@ class GraphedCalls:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = slots.call(self.fn, static)
+        output = _capture_into(graph, lambda: slots.call(self.fn, static), pool=self.pool)
         single = isinstance(output, torch.Tensor)
         outputs = _outputs(output)
 
@@ -318,8 +356,8 @@ class StepGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             # relaxed: the host's sampling code asks the driver for free memory (cudaMemGetInfo) to size its batches
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="relaxed"):
-                outputs = tuple(step(static, handle))
+            outputs = _capture_into(graph, lambda: tuple(step(static, handle)), pool=self.pool,
+                                    capture_error_mode="relaxed")
 
         def replay(tensors, handle_tensors):
             for buffer, new in zip(static, tensors):

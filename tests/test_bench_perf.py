@@ -103,3 +103,10 @@ def test_async_autotune_limits_each_case_and_skips_what_the_budget_cannot_hold(t
     assert set(cases) == {f"probe:{c}" for c in async_autotune.PROBE} | {f"product:{c}" for c in async_autotune.DEFAULT_PRODUCT.split(",")}
     assert all(c["skipped"].startswith("budget") for c in cases.values())
     assert "async_keep_cache" in async_autotune.table(cases)
+
+
+def test_the_failed_capture_check_says_it_needs_a_gpu(capsys):
+    """bench/async_failed_capture.py runs on the GPU machine only (its cases are CUDA graph captures)."""
+    from bench import async_failed_capture
+    assert async_failed_capture.CASES == ("step_graphs", "interrupt", "graphed_calls", "plain")
+    assert async_failed_capture.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err

@@ -136,3 +136,31 @@ def test_the_discriminators_whole_step_gives_the_loss_and_gradients_of_head_by_h
     for a, b in zip(per_head_grads, whole_grads):
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_a_failed_calls_frames_and_their_tensors_can_be_released_inside_the_capture():
+    """What cuda_graphs._capture_into does when a captured call raises: with the tracebacks of the exception and of
+    those it chains dropped, the tensors the failed frames held are freed at once (inside the capture, on a GPU)."""
+    import weakref
+    held = []
+
+    def inner():
+        tensor = torch.ones(4)
+        held.append(weakref.ref(tensor))
+        raise ValueError("inner")
+
+    def outer():
+        tensor = torch.zeros(4)
+        held.append(weakref.ref(tensor))
+        try:
+            inner()
+        except ValueError as error:
+            raise RuntimeError("outer") from error
+
+    try:
+        outer()
+    except RuntimeError as error:
+        failure = cuda_graphs._without_frames(error)
+        del error
+    assert all(ref() is None for ref in held) and len(held) == 2  # freed by reference counts, no collection needed
+    assert str(failure) == "outer" and str(failure.__cause__) == "inner" and failure.__traceback__ is None
