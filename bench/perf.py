@@ -193,19 +193,29 @@ def reference_iteration(tr):
     tr.iteration += 1
 
 
-def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
-    from comfy_rapm import session
+def variant_parts(variant: str) -> set:
     parts = set(variant.split("+"))  # default, or options joined by '+'
     unknown = parts - VARIANT_PARTS
     if unknown:
         raise ValueError(f"unknown variant part(s) {sorted(unknown)} in {variant!r}")
-    reset_peak()
-    sess = session.Session(patcher, tset, make_config(
-        kind, warmup + iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
+    return parts
+
+
+def variant_config(kind, variant, iterations, rank):
+    parts = variant_parts(variant)
+    return make_config(
+        kind, iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
         cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
         graded_graphs=False if "no_graded_graphs" in parts else None,
         discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts,
-        step_graphs="no_step_graphs" not in parts))
+        step_graphs="no_step_graphs" not in parts)
+
+
+def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
+    from comfy_rapm import session
+    parts = variant_parts(variant)
+    reset_peak()
+    sess = session.Session(patcher, tset, variant_config(kind, variant, warmup + iterations, rank))
     step = reference_iteration if "reference" in parts else (lambda tr: tr.run_iteration())
 
     def fit(tr):
@@ -233,6 +243,71 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
                   **extra}
     except torch.OutOfMemoryError:
         result = {"error": "out of memory", "peak_gib": peak_gib()}
+    del sess
+    return result
+
+
+def measure_parts(patcher, tset, kind, variant, warmup, repeats, rank):
+    """Where an iteration's time goes: after `warmup` iterations of `variant` (graphs captured), each part of an
+    iteration run alone, synchronised before and after, its median over `repeats` in ms. In an iteration the parts
+    partly overlap (the host queues the next while the device runs one), so their sum exceeds it by that overlap.
+    `sample_evaluations`: UNet evaluations per part (a backward counts two), the unit of the floor in bench/NOTES.md."""
+    from statistics import median
+    from comfy_rapm import session
+    reset_peak()
+    sess = session.Session(patcher, tset, variant_config(kind, variant, warmup + 4 * repeats + 2, rank))
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    def fit(tr):
+        n, cfg = tr.steps, tr.config
+        for _ in range(warmup):
+            tr.run_iteration()
+        times: dict[str, list] = {}
+
+        def record(name, fn):
+            times.setdefault(name, []).append(timed(fn))
+
+        def optimizer_step(params, opt):
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(repeats):
+            draws, following = tr.draw(), tr.draw()
+            positions = tr.data.positions[draws.index].to(tr.device, torch.float32)
+            cond = tr.data.conditioning(draws.index)
+            holder = {}
+            with torch.no_grad():
+                record("targets", lambda: holder.update(targets=tr.targets(positions, cond)))
+                record("teacher_delta_step", lambda: holder.update(delta=tr.ddim_step(
+                    positions[:-1], tr.s_from, tr.s_delta, cond, tr.data.cfg, student=False)))
+                record("frozen_student_step", lambda: tr.ddim_step(holder["delta"], tr.s_delta, tr.s_to, cond, 1.0,
+                                                                   student=True))
+                record("paired_targets", lambda: tr.paired_targets(draws, following))
+            targets = holder["targets"]
+            if cfg.uses_gan:
+                record("discriminator_step", lambda: tr.backward(draws, False, targets))
+                record("discriminator_optimizer", lambda: optimizer_step(tr.discriminators.parameters(), tr.disc_opt))
+            record("student_step", lambda: tr.backward(draws, True, targets))
+            record("student_optimizer", lambda: optimizer_step(tr.lora.parameters(), tr.student_opt))
+            record("iteration_pair", lambda: (tr.run_iteration(), tr.run_iteration()))
+        out = {name: median(values) for name, values in times.items()}
+        out["iteration"] = out.pop("iteration_pair") / 2
+        out["chain_and_rest_of_targets"] = out["targets"] - out["teacher_delta_step"] - out["frozen_student_step"]
+        out["sample_evaluations"] = {"targets": n + 2 * n + n, "discriminator_step": 3 * n if cfg.uses_gan else 0,
+                                     "student_step": 3 * n + (3 * n if cfg.uses_gan else 0)}
+        return out
+    try:
+        result = sess.run(fit)
+        result.update(variant=variant, repeats=repeats, warmup=warmup, unit="ms")
+    except torch.OutOfMemoryError:
+        result = {"error": "out of memory"}
     del sess
     return result
 
@@ -498,6 +573,8 @@ def main(argv=None):
     p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
                    "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), per_pass (per-pass graphs "
                    "instead of each side's whole step as one graph), e.g. fp32+deterministic")
+    p.add_argument("--parts", default=None, metavar="VARIANT",
+                   help="also time each part of an iteration of this variant alone (measure_parts), e.g. checkpointing")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
     p.add_argument("--resolution", type=int, default=None, help="override the pixel size (smoke tests only)")
     p.add_argument("--force-cuda-graphs", action="store_true",
@@ -556,6 +633,10 @@ def main(argv=None):
                 save()
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             tset = synthetic_set(os.path.join(tmp, "set"), patcher, kind, count=8, steps=4)
+            if args.parts:
+                entry["parts"] = measure_parts(patcher, tset, kind, args.parts, warmup, 5, args.rank)
+                print(f"[{kind}] parts {entry['parts']}", flush=True)
+                save()
             if args.profile:
                 entry["profile"] = profile_training(patcher, tset, kind, warmup, args.rank,
                                                     args.profile.replace("{model}", kind))

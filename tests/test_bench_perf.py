@@ -110,3 +110,14 @@ def test_the_failed_capture_check_says_it_needs_a_gpu(capsys):
     from bench import async_failed_capture
     assert async_failed_capture.CASES == ("step_graphs", "interrupt", "graphed_calls", "plain")
     assert async_failed_capture.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_parts_of_an_iteration_are_timed_one_by_one(host, tmp_path):
+    out = tmp_path / "perf.json"
+    assert perf.main(["--models", "tiny", "--warmup", "2", "--rank", "4", "--skip-trajectories", "--skip-equivalence",
+                      "--variants", "", "--parts", "checkpointing", "--out", str(out)]) == 0
+    parts = json.loads(out.read_text())["models"]["tiny"]["parts"]
+    timed = ["targets", "teacher_delta_step", "frozen_student_step", "paired_targets", "discriminator_step",
+             "discriminator_optimizer", "student_step", "student_optimizer", "iteration"]
+    assert all(parts[name] > 0 for name in timed) and parts["variant"] == "checkpointing"
+    assert parts["sample_evaluations"] == {"targets": 16, "discriminator_step": 12, "student_step": 24}
