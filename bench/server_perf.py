@@ -17,6 +17,8 @@ started the way a user starts it, with its progress read off the websocket as th
    line: what the user reads). Reports trajectories/min and s/it two ways: the rate on the node's last text line
    (the user's number, warm-up included, as the node computes it) and the steady rate from the progress messages'
    arrival times after the first batch / the first --skip-iterations iterations.
+   GPU memory in use as nvidia-smi shows it (the server's models and CUDA context included) is sampled every 0.5 s:
+   its peak over the prompt and within each node's run.
 5. With --perf (default on CUDA), runs bench/perf.py for the same configuration (the same model, the node's default training
    configuration `checkpointing`, M=25 trajectories at the node's auto batch size) under the allocator the server
    used, and prints both and their ratio (the issue asks for agreement within 10%).
@@ -32,10 +34,12 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -250,6 +254,43 @@ def node_figures(events: list, node: str, skip: int) -> dict:
     return out
 
 
+class DeviceMemory:
+    """GPU 0's used memory as nvidia-smi reports it (what a user's monitor shows: every process and CUDA context on the
+    card), sampled every `interval` seconds in a thread while inside; no samples where there is no nvidia-smi."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.samples = interval, []  # (time.monotonic(), GiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        return False
+
+    def _run(self):
+        while True:
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                self.samples.append((time.monotonic(), float(out.split()[0]) / 1024))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def peak(self, start: float | None = None, end: float | None = None) -> float | None:
+        """The largest sample between start and end (monotonic seconds; None: unbounded), or None without one."""
+        inside = [gib for t, gib in self.samples if (start is None or t >= start) and (end is None or t <= end)]
+        return max(inside) if inside else None
+
+
 # --- 5. perf.py beside it -----------------------------------------------------------------------------------------
 
 def perf_figures(model: str, allocator_conf: str | None, limit: float) -> dict:
@@ -317,8 +358,10 @@ def main(argv=None) -> int:
             name = f"server_perf_{uuid.uuid4().hex[:8]}"
             api, ids = api_prompt(object_info, checkpoint.name, args.count, args.iterations, name, args.cpu, args.set,
                                   args.model)
-            prompt_id, events = asyncio.run(queue_and_watch(base, api, args.timeout))
+            with DeviceMemory() as memory:
+                prompt_id, events = asyncio.run(queue_and_watch(base, api, args.timeout))
             queued = events[0][0]
+            report["device_memory_peak_gib"] = memory.peak()
             report["prompt_seconds"] = events[-1][0] - queued
             report["messages"] = {kind: sum(1 for _, k, _ in events if k == kind) for kind in {k for _, k, _ in events}}
             figures = {}
@@ -326,6 +369,8 @@ def main(argv=None) -> int:
                 node = ids[kind][0]
                 f = node_figures(events, node, skip)
                 if f.get("started_s") is not None:
+                    end = f["started_s"] + f["seconds"] if f["seconds"] is not None else None
+                    f["device_memory_peak_gib"] = memory.peak(f["started_s"], end)
                     f["started_s"] -= queued
                 figures[kind] = f
             report["nodes"] = figures
@@ -356,6 +401,8 @@ def main(argv=None) -> int:
           f"({report['server_allocator']}); stand-ins: {report['stubs'] or 'none'}")
     print(f"  trajectories/min: shown {_fmt(user['trajectories_per_min_shown'])}, steady {_fmt(user['trajectories_per_min_steady'])}"
           + (f", perf.py {_fmt(report['perf']['trajectories_per_min'])}" if run_perf else ""))
+    print(f"  GPU memory in use (nvidia-smi): peak {_fmt(report['device_memory_peak_gib'])} GiB, training "
+          f"{_fmt(train.get('device_memory_peak_gib'))} GiB")
     print(f"  s/it:             shown {_fmt(user['seconds_per_iteration_shown'])}, steady {_fmt(user['seconds_per_iteration_steady'])}"
           + (f", perf.py {_fmt(report['perf']['seconds_per_iteration'])}" if run_perf else ""))
     if run_perf:

@@ -24,6 +24,9 @@ def test_the_real_server_reports_trajectories_per_minute_and_seconds_per_iterati
     for value in report["user"].values():
         assert value is not None and math.isfinite(value) and value > 0
     assert "perf" not in report  # perf.py beside it runs on CUDA only (its tiny model is not this checkpoint's)
+    import shutil  # GPU memory is sampled where nvidia-smi is (the GPU machine), and said to be absent elsewhere
+    assert (report["device_memory_peak_gib"] is None) == (shutil.which("nvidia-smi") is None)
+    assert "device_memory_peak_gib" in train
 
 
 def test_the_checkpoint_is_written_with_the_host_the_server_runs(tmp_path):
@@ -73,3 +76,12 @@ def test_the_sdxl_checkpoint_has_the_keys_comfyui_detects_as_sdxl_and_loads_its_
     assert set(wanted) - set(loaded) == unused_by_sdxl
     assert all(tuple(loaded[k].shape) == tuple(v.shape) for k, v in wanted.items() if k in loaded)
     assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.31.") for k in clip)  # open_clip layout
+
+
+def test_device_memory_peaks_are_taken_within_each_window():
+    from bench import server_perf
+    memory = server_perf.DeviceMemory()
+    memory.samples = [(1.0, 3.0), (2.0, 9.5), (3.0, 4.0), (4.0, 12.0)]
+    assert memory.peak() == 12.0
+    assert memory.peak(1.5, 3.5) == 9.5 and memory.peak(2.5, None) == 12.0 and memory.peak(None, 1.0) == 3.0
+    assert memory.peak(5.0, 6.0) is None
