@@ -464,8 +464,10 @@ ALLOCATOR_CONF = {"native": None, "cudaMallocAsync": "backend:cudaMallocAsync"}
 
 
 def run_allocators(args, argv: list[str]) -> int:
-    """`--allocators`: each measurement of this command in its own process under each allocator (the environment
-    variable ComfyUI's launcher sets), merged into one report with the ratio cudaMallocAsync / native."""
+    """`--allocators`: this command under each allocator (the environment variable ComfyUI's launcher sets), one
+    process per allocator and model (`--isolate allocator`: cuDNN's autotuning, ~1 min natively, runs once) or per
+    measurement (`--isolate unit`: a hang or crash costs one measurement), merged into one report with the ratio
+    cudaMallocAsync / native."""
     from bench.async_autotune import run_limited
     allocators = [a for a in args.allocators.split(",") if a]
     unknown = set(allocators) - set(ALLOCATOR_CONF)
@@ -495,14 +497,21 @@ def run_allocators(args, argv: list[str]) -> int:
                 env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_CONF[allocator]
             entry = report["allocators"][allocator] = {"models": {}, "processes": {}}
             for kind in args.models.split(","):
-                units = [] if args.skip_trajectories else [("trajectories", ["--variants", "", "--skip-equivalence"])]
-                units += [(v, ["--variants", v, "--skip-trajectories", "--skip-equivalence"]) for v in args.variants.split(",") if v]
-                if not args.skip_equivalence and kind in args.equivalence_models.split(","):
-                    units.append(("equivalence", ["--variants", "", "--skip-trajectories", "--equivalence-models", kind]))
+                equivalence = not args.skip_equivalence and kind in args.equivalence_models.split(",")
+                if args.isolate == "allocator":
+                    units = [("all", ["--variants", args.variants, "--equivalence-models", kind]
+                              + (["--skip-trajectories"] if args.skip_trajectories else [])
+                              + ([] if equivalence else ["--skip-equivalence"]))]
+                else:
+                    units = [] if args.skip_trajectories else [("trajectories", ["--variants", "", "--skip-equivalence"])]
+                    units += [(v, ["--variants", v, "--skip-trajectories", "--skip-equivalence"]) for v in args.variants.split(",") if v]
+                    if equivalence:
+                        units.append(("equivalence", ["--variants", "", "--skip-trajectories", "--equivalence-models", kind]))
+                limit = args.unit_timeout or (300.0 if args.isolate == "unit" else 580.0)
                 for unit, flags in units:
                     out = Path(tmp) / f"{allocator}_{kind}_{unit}.json".replace("+", "_")
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--models", kind, *flags, *common, "--out", str(out)]
-                    process = run_limited(cmd, env, args.unit_timeout, Path(tmp) / (out.stem + ".log"))
+                    process = run_limited(cmd, env, limit, Path(tmp) / (out.stem + ".log"))
                     entry["processes"][f"{kind}/{unit}"] = process
                     if out.is_file():
                         child = json.loads(out.read_text())
@@ -585,7 +594,10 @@ def main(argv=None):
     p.add_argument("--allocators", default=None,
                    help="comma-separated: native, cudaMallocAsync. Runs every measurement (trajectories, each variant, the "
                         "equivalence check) in its own process under each allocator and compares them")
-    p.add_argument("--unit-timeout", type=float, default=300.0, help="with --allocators: seconds per process")
+    p.add_argument("--isolate", choices=["allocator", "unit"], default="allocator",
+                   help="with --allocators: one process per allocator and model, or per measurement")
+    p.add_argument("--unit-timeout", type=float, default=None,
+                   help="with --allocators: seconds per process (default 580 per allocator and model, 300 per measurement)")
     p.add_argument("--comfyui", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -5,7 +5,9 @@
     python bench/readme_table.py --check    # exit 1 if README.md's table is not the rendered one (a test runs this)
 
 Rows are the node's shipped variants: defaults (gradient checkpointing on), 1x1 discriminator heads, low_memory,
-and Teacher Trajectories at its automatic batch."""
+and Teacher Trajectories at its automatic batch. From a `perf.py --allocators native,cudaMallocAsync` report the
+times are ComfyUI's default launch's (cudaMallocAsync) beside the native allocator's, and the memory is the native
+allocator's reserved peak (under cudaMallocAsync PyTorch's count leaves out CUDA graphs' memory)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +29,8 @@ def _minutes(m: float) -> str:
 
 
 def render(perf: dict) -> str:
+    if "allocators" in perf:
+        return render_allocators(perf)
     allocator = "PyTorch's native allocator" if perf.get("allocator", "native") == "native" else perf["allocator"]
     intro = (f"`python bench/perf.py` on full-size UNets with random weights (one call on **one {perf['card']}**, torch "
              f"{perf['torch'].split('+')[0]}, bf16, {allocator}; `bench/results/perf.json`). *GPU memory* is the peak "
@@ -46,6 +50,32 @@ def render(perf: dict) -> str:
         if traj:
             lines.append(f"| {label} | trajectories, batch auto | 1,000 in {_minutes(traj['minutes_per_1000'])} | "
                          f"{traj['peak_reserved_gib']:.1f} | |")
+    return "\n".join(line.replace("|  |", "| |") for line in lines)
+
+
+def render_allocators(report: dict) -> str:
+    native, default = report["allocators"]["native"], report["allocators"]["cudaMallocAsync"]
+    intro = (f"`python bench/perf.py --allocators native,cudaMallocAsync` on full-size UNets with random weights (one "
+             f"call per model on **one {native['card']}**, torch {native['torch'].split('+')[0]}, bf16; "
+             "`bench/results/perf.json`). *s/iteration* is ComfyUI's default launch (cudaMallocAsync), *native* the "
+             "same with `--disable-cuda-malloc`; *GPU memory* is the peak PyTorch reserved under the native allocator.")
+    lines = textwrap.wrap(intro, 118) + ["",
+             "| model | variant | s/iteration | native | GPU memory GiB | 20K iterations |", "|---|---|---|---|---|---|"]
+    for key, model in default["models"].items():
+        theirs = native["models"].get(key, {})
+        label = f"{NAMES.get(key, key)} {theirs.get('resolution', model.get('resolution'))} px"
+        for variant, name in ROWS:
+            row, other = model.get("training", {}).get(variant), theirs.get("training", {}).get(variant)
+            if not all(isinstance(r, dict) and "seconds_per_iteration" in r for r in (row, other)):
+                continue
+            s = row["seconds_per_iteration"]
+            lines.append(f"| {label} | {name} | {s:#.3g} | {other['seconds_per_iteration']:#.3g} | "
+                         f"{other['peak_reserved_gib']:.1f} | {s * 20000 / 3600:.1f} h |")
+            label = ""
+        traj, other = model.get("trajectories"), theirs.get("trajectories")
+        if traj and other:
+            lines.append(f"| {label} | trajectories, batch auto | 1,000 in {_minutes(traj['minutes_per_1000'])} | "
+                         f"{_minutes(other['minutes_per_1000'])} | {other['peak_reserved_gib']:.1f} | |")
     return "\n".join(line.replace("|  |", "| |") for line in lines)
 
 

@@ -60,21 +60,24 @@ def test_multi_gpu_trajectory_benchmark_runs_on_the_cpu(tmp_path):
     assert figures["sets_byte_identical"] is True  # on the CPU the two runs' files are the same bytes
 
 
-def test_perf_runs_each_measurement_under_each_allocator_in_its_own_process(tmp_path):
-    """`--allocators` (issue #17): one process per allocator and measurement, the allocator set the way ComfyUI's
-    launcher sets it (on the CPU the variable changes nothing; one allocator here to keep CI short, the ratio below)."""
+@pytest.mark.parametrize("isolate, processes", [("unit", ["tiny/checkpointing", "tiny/default"]), ("allocator", ["tiny/all"])])
+def test_perf_runs_the_measurements_under_each_allocator_in_their_own_processes(tmp_path, isolate, processes):
+    """`--allocators` (issue #17): one process per allocator and model, or per measurement, the allocator set the way
+    ComfyUI's launcher sets it (on the CPU the variable changes nothing; one allocator here to keep CI short, the
+    ratio below)."""
     out = tmp_path / "perf.json"
-    assert perf.main(["--models", "tiny", "--allocators", "cudaMallocAsync", "--variants", "checkpointing",
+    assert perf.main(["--models", "tiny", "--allocators", "cudaMallocAsync", "--variants", "checkpointing,default",
                       "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories", "--skip-equivalence",
-                      "--out", str(out)]) == 0
+                      "--isolate", isolate, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     entry = report["allocators"]["cudaMallocAsync"]
     assert entry["allocator"] == "backend:cudaMallocAsync" and entry["cudnn_autotune"] == "auto"
-    process = entry["processes"]["tiny/checkpointing"]
-    assert process["returncode"] == 0 and not process["timed_out"] and process["wall_s"] > 0
-    assert entry["models"]["tiny"]["training"]["checkpointing"]["seconds_per_iteration"] > 0
-    row, = report["comparison"]
-    assert row["variant"] == "checkpointing" and "ratio" not in row  # one allocator: nothing to compare with
+    assert sorted(entry["processes"]) == processes
+    assert all(p["returncode"] == 0 and not p["timed_out"] and p["wall_s"] > 0 for p in entry["processes"].values())
+    training = entry["models"]["tiny"]["training"]
+    assert set(training) == {"checkpointing", "default"} and all(r["seconds_per_iteration"] > 0 for r in training.values())
+    assert [row["variant"] for row in report["comparison"]] == ["checkpointing", "default"]
+    assert all("ratio" not in row for row in report["comparison"])  # one allocator: nothing to compare with
 
 
 def test_the_allocator_comparison_pairs_each_measurement():

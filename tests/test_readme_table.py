@@ -26,3 +26,18 @@ def test_a_changed_result_fails_the_check_until_the_table_is_written(tmp_path):
     rows = [line for line in readme_table.readme_block(text).splitlines() if line.startswith("| SD1.5 512 px |")]
     assert rows == ["| SD1.5 512 px | defaults | 0.123 | 12.5 | 0.7 h |"]
     assert text.split(readme_table.END, 1)[1] == (ROOT / "README.md").read_text().split(readme_table.END, 1)[1]
+
+
+def test_an_allocators_report_gives_the_default_launchs_times_beside_the_native_ones():
+    report = json.loads((ROOT / "bench/results/perf.json").read_text())
+    native = {k: report[k] for k in ("card", "torch")}
+    native["models"] = {"sd15": json.loads(json.dumps(report["models"]["sd15"]))}
+    default = json.loads(json.dumps(native))
+    default["models"]["sd15"]["training"]["checkpointing"].update(seconds_per_iteration=0.2297, peak_reserved_gib=6.7)
+    native["models"]["sd15"]["training"]["checkpointing"].update(seconds_per_iteration=0.2292, peak_reserved_gib=11.39)
+    del default["models"]["sd15"]["training"]["low_memory+checkpointing"]  # a row needs both allocators' figures
+    table = readme_table.render({"allocators": {"native": native, "cudaMallocAsync": default}})
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert rows[0] == "| SD1.5 512 px | defaults | 0.230 | 0.229 | 11.4 | 1.3 h |"
+    assert not any("`low_memory`" in row for row in rows)
+    assert rows[-1].startswith("| | trajectories, batch auto | 1,000 in ")
