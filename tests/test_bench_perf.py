@@ -124,3 +124,16 @@ def test_the_parts_of_an_iteration_are_timed_one_by_one(host, tmp_path):
              "discriminator_optimizer", "student_step", "student_optimizer", "iteration"]
     assert all(parts[name] > 0 for name in timed) and parts["variant"] == "checkpointing"
     assert parts["sample_evaluations"] == {"targets": 16, "discriminator_step": 12, "student_step": 24}
+
+
+def test_the_compile_probe_runs_on_the_miniature(host, tmp_path):
+    """bench/compile_probe.py (issue #17, item 3's torch.compile lever): dynamo's view of the LoRA-hooked UNet, the
+    compiled module against the eager one (aot_eager here: the same graph, no code generation, to keep CI short)."""
+    from bench import compile_probe
+    out = tmp_path / "probe.json"
+    assert compile_probe.main(["--model", "tiny", "--backend", "aot_eager", "--repeats", "1", "--rank", "4",
+                               "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dynamo"]["graphs"] >= 1 and report["compile_seconds_batch_1"] > 0
+    assert report["max_abs_diff"] <= 1e-5 * report["eager_abs_max"]
+    assert all(report["ms_per_pass"][f"{k}_batch_{b}"] > 0 for k in ("eager", "compiled") for b in (1, 8))
