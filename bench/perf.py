@@ -126,6 +126,29 @@ def device_used_gib() -> float:
     return (total - free) / 2**30
 
 
+def pool_sizes_gib(segments: list, names: dict) -> dict:
+    """Reserved GiB per allocator pool from a memory snapshot's segments (`segment_pool_id`; (0, 0) is the default
+    pool), named by `names` (pool handle → name) where known."""
+    sizes: dict = {}
+    for segment in segments:
+        pool = tuple(segment.get("segment_pool_id", (0, 0)))
+        name = "default" if pool == (0, 0) else names.get(pool, f"pool {pool[0]}.{pool[1]}")
+        sizes[name] = sizes.get(name, 0.0) + segment["total_size"] / 2**30
+    return sizes
+
+
+def graph_pools_gib(sess) -> dict:
+    """The native allocator's reserved memory per pool now: the default pool, the per-pass graphs', the step graphs'
+    (and the graded per-pass graphs' own); {} elsewhere (cudaMallocAsync has no pools, the CPU no allocator)."""
+    if not torch.cuda.is_available() or torch.cuda.memory.get_allocator_backend() != "native":
+        return {}
+    names = {}
+    for name, graphs in (("pass_graphs", sess.graphs), ("step_graphs", sess.step_graphs)):
+        if graphs is not None and graphs.pool is not None:
+            names[tuple(graphs.pool)] = name
+    return pool_sizes_gib(torch.cuda.memory._snapshot()["segments"], names)
+
+
 def reset_peak():
     gc.collect()  # a finished session's graphs and tensors, before the cache is emptied
     if torch.cuda.is_available():
@@ -230,7 +253,7 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         sync()
         used = device_used_gib()  # graphs and their pools still held: the driver's view, whatever the allocator
         graphs, steps = sess.graphs, sess.step_graphs
-        return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used,
+        return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used, "pools_gib": graph_pools_gib(sess),
             "step_graphs": None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays,
                                                        "failed": steps.failed, "error": steps.error},
             "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,

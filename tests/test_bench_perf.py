@@ -35,6 +35,7 @@ def test_perf_ablations_run_when_named(host, tmp_path):
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
     assert set(training) == set(ablations) and all(r["seconds_per_iteration"] > 0 for r in training.values())
+    assert all(r["pools_gib"] == {} for r in training.values())  # pools are the native CUDA allocator's
     assert training["checkpointing+paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
     assert training["checkpointing+no_step_graphs"]["step_graphs"] is None
 
@@ -137,3 +138,11 @@ def test_the_compile_probe_runs_on_the_miniature(host, tmp_path):
     assert report["dynamo"]["graphs"] >= 1 and report["compile_seconds_batch_1"] > 0
     assert report["max_abs_diff"] <= 1e-5 * report["eager_abs_max"]
     assert all(report["ms_per_pass"][f"{k}_batch_{b}"] > 0 for k in ("eager", "compiled") for b in (1, 8))
+
+
+def test_reserved_memory_is_split_by_pool():
+    segments = [{"segment_pool_id": (0, 0), "total_size": 2 * 2**30}, {"segment_pool_id": (0, 7), "total_size": 2**30},
+                {"segment_pool_id": (0, 7), "total_size": 2**29}, {"segment_pool_id": (0, 9), "total_size": 2**30},
+                {"total_size": 2**30}]  # a snapshot without pool ids: the default pool
+    sizes = perf.pool_sizes_gib(segments, {(0, 7): "step_graphs"})
+    assert sizes == {"default": 3.0, "step_graphs": 1.5, "pool 0.9": 1.0}
