@@ -29,12 +29,6 @@ def teacher_positions(model, positive, negative, noise: torch.Tensor, slots: lis
         return host.run_with_denoiser(model, positive, negative, noise.shape, body)
 
 
-def convolution_notice() -> str | None:
-    """What the Teacher Trajectories node adds to its progress line when convolutions run the safe path."""
-    from . import convolutions
-    return convolutions.notice()
-
-
 def trajectory_shard(model, positive, negative, noise: torch.Tensor, slots: list[list[int]], cfg: float,
                      on_step: Callable[[], None] | None = None, solver: str = "ddim") -> tuple[dict, dict]:
     """One shard of a trajectory set: the teacher's positions plus the conditioning exactly as the
@@ -144,11 +138,10 @@ class Session:
     @property
     def safe_path_notice(self) -> str | None:
         """What the node adds to its progress line while it runs a slower, safe path (None: full speed)."""
-        from . import convolutions
         steps = self.step_graphs
         steps_off = (f"CUDA graphs of whole training steps are off ({steps.error}); the steps run without them, which "
                      "is slower." if steps is not None and steps.failed else None)
-        lines = [text for text in (convolutions.notice(), self.student_graphs_off_reason, steps_off) if text]
+        lines = [text for text in (self.student_graphs_off_reason, steps_off) if text]
         return "\n".join(lines) or None
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:

@@ -73,14 +73,12 @@ class RAPMTeacherTrajectory:
         store = checked(node, "name", lambda n: shared_store.open_store(os.path.join(trajectory_root(), n), spec), name)
         bar = host.Progress(count, unique_id)
         clock = progress.Clock(count, store.stored_count(), "traj")
-        notice = session.convolution_notice()  # a slower, safe path taken: said on every line
-        suffix = f"\n{notice}" if notice else ""
-        bar.text(clock.text(store.stored_count(), "starting") + suffix)  # replaces the previous run's line at once
+        bar.text(clock.text(store.stored_count(), "starting"))  # replaces the previous run's line at once
         bar.update_absolute(store.stored_count())
 
         def batch_done(done, total):
             bar.update_absolute(done)
-            bar.text(clock.text(done) + suffix)
+            bar.text(clock.text(done))
         try:
             traj.generate(store, session.trajectory_batches(model, clip, spec, latent_shape, host.check_interrupt), batch_done)
         except host.interrupted_types():
