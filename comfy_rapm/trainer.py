@@ -177,22 +177,25 @@ class Trainer:
             targets, following_targets = self.paired_targets(draws, following)
             self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before)
         result = self.backward(draws, student_turn, targets)
+        self.optimizer_step(student_turn)
         if student_turn:
             self._pending = None
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
-            self.student_opt.step()
-            self.student_opt.zero_grad(set_to_none=True)  # not kept through the other side's turn: memory
             for key in ("loss", "huber", "generator"):
                 self.history[key].append(result[key])
         else:
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), cfg.grad_clip)
-            self.disc_opt.step()
-            self.disc_opt.zero_grad(set_to_none=True)  # the heads' gradients: 1.2 GiB for SD1.5
             self.history["discriminator"].append(result["discriminator"])
         self.iteration += 1
         return result
+
+    def optimizer_step(self, student_turn: bool) -> None:
+        """The side's clipped optimizer step on the gradients backward() left, which then go: they are not kept through
+        the other side's turn (the heads' gradients are 1.2 GiB for SD1.5)."""
+        params, opt = ((self.lora.parameters(), self.student_opt) if student_turn
+                       else (self.discriminators.parameters(), self.disc_opt))
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def backward(self, draws: "Draws", student_turn: bool, targets: tuple | None = None) -> dict:
         """The iteration's summed loss for the side whose turn it is, back-propagated into that
