@@ -25,21 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def _timed(fn, repeats: int) -> float:
-    from statistics import median
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return median(times)
-
-
 def probe(model: str, backend: str, repeats: int, rank: int) -> dict:
+    from statistics import median
     from bench import perf
     perf.import_host(None)
     from comfy_rapm import cuda_graphs, host, lora as lora_mod, training_unet
@@ -98,7 +85,8 @@ def probe(model: str, backend: str, repeats: int, rank: int) -> dict:
                 t0 = time.perf_counter()
                 graphed(x)  # capture (and, compiled, a compile for this batch)
                 first = time.perf_counter() - t0
-                report["ms_per_pass"][f"{name}_batch_{batch}"] = _timed(lambda: graphed(x), repeats)
+                passes = [perf.timed_ms(lambda: graphed(x)) for _ in range(repeats)]
+                report["ms_per_pass"][f"{name}_batch_{batch}"] = median(passes)
                 report["ms_per_pass"][f"{name}_batch_{batch}_first_call_s"] = first
                 report["ms_per_pass"][f"{name}_batch_{batch}_replays"] = graphed.replays
     return report

@@ -107,6 +107,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+def timed_ms(fn) -> float:
+    """fn() alone on the device: milliseconds from a synchronised start to a synchronised end."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def peak_gib() -> float:
     """Peak memory held by tensors (allocations made while a CUDA graph replays are not counted)."""
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
@@ -280,13 +289,6 @@ def measure_parts(patcher, tset, kind, variant, warmup, repeats, rank):
     reset_peak()
     sess = session.Session(patcher, tset, variant_config(kind, variant, warmup + 4 * repeats + 2, rank))
 
-    def timed(fn):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return (time.perf_counter() - t0) * 1e3
-
     def fit(tr):
         n, cfg = tr.steps, tr.config
         for _ in range(warmup):
@@ -294,13 +296,8 @@ def measure_parts(patcher, tset, kind, variant, warmup, repeats, rank):
         times: dict[str, list] = {}
 
         def record(name, fn):
-            times.setdefault(name, []).append(timed(fn))
+            times.setdefault(name, []).append(timed_ms(fn))
 
-        def optimizer_step(params, opt):
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         for _ in range(repeats):
             draws, following = tr.draw(), tr.draw()
             positions = tr.data.positions[draws.index].to(tr.device, torch.float32)
@@ -316,9 +313,9 @@ def measure_parts(patcher, tset, kind, variant, warmup, repeats, rank):
             targets = holder["targets"]
             if cfg.uses_gan:
                 record("discriminator_step", lambda: tr.backward(draws, False, targets))
-                record("discriminator_optimizer", lambda: optimizer_step(tr.discriminators.parameters(), tr.disc_opt))
+                record("discriminator_optimizer", lambda: tr.optimizer_step(False))
             record("student_step", lambda: tr.backward(draws, True, targets))
-            record("student_optimizer", lambda: optimizer_step(tr.lora.parameters(), tr.student_opt))
+            record("student_optimizer", lambda: tr.optimizer_step(True))
             record("iteration_pair", lambda: (tr.run_iteration(), tr.run_iteration()))
         out = {name: median(values) for name, values in times.items()}
         out["iteration"] = out.pop("iteration_pair") / 2
