@@ -87,6 +87,17 @@ class _WithParameters(torch.nn.Module):
         return self.fn(*tensors)
 
 
+@contextlib.contextmanager
+def _side_stream():
+    """Inside: a fresh stream that starts after the current one's work; on leaving, the current stream waits for it
+    (warm-up runs before a capture, which must not be on the stream being captured)."""
+    current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 # Graphs whose capture raised, under an allocator other than the native one: kept, never replayed (_capture_into).
 _NEVER_REPLAYED: list = []
 
@@ -204,12 +215,9 @@ class GraphedCalls:
     def _capture(self, args, kwargs):
         slots = TensorSlots(args, kwargs)
         static = tuple(t.clone() for t in slots.tensors(args, kwargs))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations, autotuning
+        with _side_stream():  # warm-up off the capture: lazy initialisations, autotuning
             for _ in range(self.warmup):
                 slots.call(self.fn, static)
-        torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -343,15 +351,12 @@ class StepGraphs:
         static = tuple(None if t is None else t.detach().clone() for t in tensors)
         static_handle = self.tensors_of(handle)  # the first handle is kept as the graph's own
         with self.pause():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # off the capture: lazy initialisations, workspaces
+            with _side_stream():  # off the capture: lazy initialisations, workspaces
                 _, blockers = capture_blockers(lambda: step(static, handle))
                 if blockers:
                     raise CaptureBlocked("the step cannot be captured: " + "; ".join(blockers))
                 for _ in range(self.warmup - 1):
                     step(static, handle)
-            torch.cuda.current_stream().wait_stream(side)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
