@@ -30,53 +30,47 @@ def _minutes(m: float) -> str:
 
 def render(perf: dict) -> str:
     if "allocators" in perf:
-        return render_allocators(perf)
-    allocator = "PyTorch's native allocator" if perf.get("allocator", "native") == "native" else perf["allocator"]
-    intro = (f"`python bench/perf.py` on full-size UNets with random weights (one call on **one {perf['card']}**, torch "
-             f"{perf['torch'].split('+')[0]}, bf16, {allocator}; `bench/results/perf.json`). *GPU memory* is the peak "
-             "PyTorch reserved.")
-    lines = textwrap.wrap(intro, 118) + ["",
-             "| model | variant | s/iteration | GPU memory GiB | 20K iterations |", "|---|---|---|---|---|"]
-    for key, model in perf["models"].items():
-        label = f"{NAMES.get(key, key)} {model['resolution']} px"
-        for variant, name in ROWS:
-            row = model["training"].get(variant)
-            if not isinstance(row, dict) or "seconds_per_iteration" not in row:
-                continue
-            s = row["seconds_per_iteration"]
-            lines.append(f"| {label} | {name} | {s:#.3g} | {row['peak_reserved_gib']:.1f} | {s * 20000 / 3600:.1f} h |")
-            label = ""
-        traj = model.get("trajectories")
-        if traj:
-            lines.append(f"| {label} | trajectories, batch auto | 1,000 in {_minutes(traj['minutes_per_1000'])} | "
-                         f"{traj['peak_reserved_gib']:.1f} | |")
-    return "\n".join(line.replace("|  |", "| |") for line in lines)
+        native, default = perf["allocators"]["native"], perf["allocators"]["cudaMallocAsync"]
+        intro = (f"`python bench/perf.py --allocators native,cudaMallocAsync` on full-size UNets with random weights (one "
+                 f"call per model on **one {native['card']}**, torch {native['torch'].split('+')[0]}, bf16; "
+                 "`bench/results/perf.json`). *s/iteration* is ComfyUI's default launch (cudaMallocAsync), *native* the "
+                 "same with `--disable-cuda-malloc`; *GPU memory* is the peak PyTorch reserved under the native allocator.")
+        header = ["model", "variant", "s/iteration", "native", "GPU memory GiB", "20K iterations"]
+        rows = _rows(default["models"], native["models"])
+    else:
+        allocator = "PyTorch's native allocator" if perf.get("allocator", "native") == "native" else perf["allocator"]
+        intro = (f"`python bench/perf.py` on full-size UNets with random weights (one call on **one {perf['card']}**, torch "
+                 f"{perf['torch'].split('+')[0]}, bf16, {allocator}; `bench/results/perf.json`). *GPU memory* is the peak "
+                 "PyTorch reserved.")
+        header = ["model", "variant", "s/iteration", "GPU memory GiB", "20K iterations"]
+        rows = _rows(perf["models"])
+    lines = textwrap.wrap(intro, 118) + ["", _line(header), "|" + "---|" * len(header)] + [_line(r) for r in rows]
+    return "\n".join(lines)
 
 
-def render_allocators(report: dict) -> str:
-    native, default = report["allocators"]["native"], report["allocators"]["cudaMallocAsync"]
-    intro = (f"`python bench/perf.py --allocators native,cudaMallocAsync` on full-size UNets with random weights (one "
-             f"call per model on **one {native['card']}**, torch {native['torch'].split('+')[0]}, bf16; "
-             "`bench/results/perf.json`). *s/iteration* is ComfyUI's default launch (cudaMallocAsync), *native* the "
-             "same with `--disable-cuda-malloc`; *GPU memory* is the peak PyTorch reserved under the native allocator.")
-    lines = textwrap.wrap(intro, 118) + ["",
-             "| model | variant | s/iteration | native | GPU memory GiB | 20K iterations |", "|---|---|---|---|---|---|"]
-    for key, model in default["models"].items():
-        theirs = native["models"].get(key, {})
-        label = f"{NAMES.get(key, key)} {theirs.get('resolution', model.get('resolution'))} px"
+def _line(cells: list[str]) -> str:
+    return ("| " + " | ".join(cells) + " |").replace("|  |", "| |")
+
+
+def _rows(models: dict, native: dict | None = None):
+    """The table's cells per shipped variant and model; with `native` (an --allocators report's native models), the
+    native s/it as a column after `models`' and the memory from the native run."""
+    for key, model in models.items():
+        other_model = model if native is None else native.get(key, {})
+        label = f"{NAMES.get(key, key)} {other_model.get('resolution', model.get('resolution'))} px"
         for variant, name in ROWS:
-            row, other = model.get("training", {}).get(variant), theirs.get("training", {}).get(variant)
+            row, other = model.get("training", {}).get(variant), other_model.get("training", {}).get(variant)
             if not all(isinstance(r, dict) and "seconds_per_iteration" in r for r in (row, other)):
                 continue
             s = row["seconds_per_iteration"]
-            lines.append(f"| {label} | {name} | {s:#.3g} | {other['seconds_per_iteration']:#.3g} | "
-                         f"{other['peak_reserved_gib']:.1f} | {s * 20000 / 3600:.1f} h |")
+            native_s = [] if native is None else [f"{other['seconds_per_iteration']:#.3g}"]
+            yield [label, name, f"{s:#.3g}", *native_s, f"{other['peak_reserved_gib']:.1f}", f"{s * 20000 / 3600:.1f} h"]
             label = ""
-        traj, other = model.get("trajectories"), theirs.get("trajectories")
+        traj, other = model.get("trajectories"), other_model.get("trajectories")
         if traj and other:
-            lines.append(f"| {label} | trajectories, batch auto | 1,000 in {_minutes(traj['minutes_per_1000'])} | "
-                         f"{_minutes(other['minutes_per_1000'])} | {other['peak_reserved_gib']:.1f} | |")
-    return "\n".join(line.replace("|  |", "| |") for line in lines)
+            native_m = [] if native is None else [_minutes(other["minutes_per_1000"])]
+            yield [label, "trajectories, batch auto", f"1,000 in {_minutes(traj['minutes_per_1000'])}", *native_m,
+                   f"{other['peak_reserved_gib']:.1f}", ""]
 
 
 def readme_block(readme: str) -> str:
