@@ -8,6 +8,8 @@ check before a capture (cuda_graphs.capture_blockers) cannot see it:
 - `step_graphs`: the product's cuda_graphs.StepGraphs; it must fall back to the eager step, with the right values;
 - `interrupt`: the same step raising the host's interrupt type inside the capture: it must reach the caller;
 - `graphed_calls`: the product's no-grad cuda_graphs.GraphedCalls, failing the same way;
+- `unjoined`: StepGraphs on a step that forks work to another stream during the capture and never joins it back: the
+  call returns, and the capture fails at its end (cudaErrorStreamCaptureUnjoined) with the step's outputs alive;
 - `plain`: torch.cuda.graph with the exception caught after the capture ends (what the product did before): under
   cudaMallocAsync this aborted in a tensor's destructor on an H200 (2026-12-03); it shows the mechanism.
 A case passes when its process exits 0 and prints its check."""
@@ -21,7 +23,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ("step_graphs", "interrupt", "graphed_calls", "plain")
+CASES = ("step_graphs", "interrupt", "graphed_calls", "unjoined", "plain")
 
 
 class Interrupt(Exception):
@@ -34,9 +36,16 @@ def _toy_step(tensors, handle):
     y = (x @ x.T).relu() + handle
     kept = [y * 2, y.sum(dim=0)]  # alive in this frame when the capture fails
     if torch.cuda.is_current_stream_capturing():
-        if os.environ.get("RAPM_CASE") == "interrupt":
+        case = os.environ.get("RAPM_CASE")
+        if case == "interrupt":
             raise Interrupt("cancelled during the capture")
-        kept.append(torch.ones(3).to(x.device))  # refused during a capture: unpinned host memory
+        if case == "unjoined":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                kept.append(y * 3)  # forked into the capture, never joined: its end fails
+        else:
+            kept.append(torch.ones(3).to(x.device))  # refused during a capture: unpinned host memory
     return (kept[0].sum(), kept[1])
 
 
@@ -50,14 +59,15 @@ def run_case(case: str) -> None:
     handle = torch.full((64,), 0.5, device="cuda")
     with torch.no_grad():
         eager = tuple(t.clone() for t in _toy_step((x,), handle))
-        if case in ("step_graphs", "interrupt"):
+        if case in ("step_graphs", "interrupt", "unjoined"):
             graphs = cuda_graphs.StepGraphs(lambda h: [h], contextlib.nullcontext, interrupts=(Interrupt,))
             try:
                 out = graphs(_toy_step, (x,), handle)
             except Interrupt:
                 assert case == "interrupt"
             else:
-                assert case == "step_graphs" and graphs.failed and "pinned" in graphs.error, graphs.error
+                why = "pinned" if case == "step_graphs" else "unjoined"
+                assert case != "interrupt" and graphs.failed and why in graphs.error, graphs.error
                 assert all(torch.equal(a, b) for a, b in zip(out, eager))
         elif case == "graphed_calls":
             calls = cuda_graphs.GraphedCalls(lambda t: _toy_step((t,), handle)[1])

@@ -120,18 +120,24 @@ def _capture_into(graph, call: Callable[[], object], **options):
     """call() captured into `graph` (options: torch.cuda.graph's). If call raises, the tensors its frames hold (allocated
     inside the capture) are released before the capture ends, and the graph is then raised past. Under cudaMallocAsync
     a tensor of a failed capture freed after the capture ends aborts the process (free_impl: invalid argument; H200,
-    2026-12-03, bench/NOTES.md), and the unreplayed graph is kept rather than destroyed under what it allocated."""
+    2026-12-03, bench/NOTES.md): the unreplayed graph is kept rather than destroyed under what it allocated, and so
+    are call()'s outputs when the capture fails only at its end."""
     failure, result = None, None
-    with torch.cuda.graph(graph, **options):
-        try:
-            result = call()
-        except Exception as error:
-            failure = _without_frames(error)
-            del error
-            gc.collect()  # reference cycles through the frames: collected while the capture is still open
+    try:
+        with torch.cuda.graph(graph, **options):
+            try:
+                result = call()
+            except Exception as error:
+                failure = _without_frames(error)
+                del error
+                gc.collect()  # reference cycles through the frames: collected while the capture is still open
+    except Exception as error:  # the capture's end failed (e.g. work forked to another stream and never joined)
+        failure = _without_frames(error)
+        del error
     if failure is not None:
         if allocator_backend() != "native":
-            _NEVER_REPLAYED.append(graph)
+            # call()'s outputs, if it returned: allocated in the failed capture, so never to be freed
+            _NEVER_REPLAYED.append((graph, result))
         raise failure
     return result
 

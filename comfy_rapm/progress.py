@@ -20,18 +20,26 @@ def format_rate(seconds_per_unit: float, unit: str) -> str:
 
 
 class Clock:
-    """Rate and ETA from the work done since this clock started (work resumed from disk does not count)."""
+    """Rate and ETA from the work done since this clock started (work resumed from disk does not count). Once
+    `settle` fresh units are done the rate counts only what follows: the first units carry the one-time costs
+    (CUDA graph captures, warm-ups), which would make an early ETA of a long run hours too long."""
 
-    def __init__(self, total: int, done: int = 0, unit: str = "it"):
-        self.total, self.start_done, self.unit = total, done, unit
-        self.start = time.monotonic()
+    def __init__(self, total: int, done: int = 0, unit: str = "it", settle: int = 2,
+                 now: Callable[[], float] = time.monotonic):
+        self.total, self.start_done, self.unit, self.settle, self.now = total, done, unit, settle, now
+        self.start = now()
+        self.settled = None  # (time, done) when `settle` fresh units were first seen done
 
     def seconds_per_unit(self, done: float) -> float | None:
-        fresh = done - self.start_done
-        return (time.monotonic() - self.start) / fresh if fresh > 0 else None
+        now = self.now()
+        if self.settled is None and done - self.start_done >= self.settle > 0:
+            self.settled = (now, done)
+        since, base = self.settled if self.settled is not None and done > self.settled[1] else (self.start, self.start_done)
+        fresh = done - base
+        return (now - since) / fresh if fresh > 0 else None
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.now() - self.start
 
     def rate_and_eta(self, done: float) -> list[str]:
         """['1.30 s/it', 'ETA 2m10s'], or [] before the first unit of fresh work."""

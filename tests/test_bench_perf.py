@@ -112,7 +112,7 @@ def test_async_autotune_limits_each_case_and_skips_what_the_budget_cannot_hold(t
 def test_the_failed_capture_check_says_it_needs_a_gpu(capsys):
     """bench/async_failed_capture.py runs on the GPU machine only (its cases are CUDA graph captures)."""
     from bench import async_failed_capture
-    assert async_failed_capture.CASES == ("step_graphs", "interrupt", "graphed_calls", "plain")
+    assert async_failed_capture.CASES == ("step_graphs", "interrupt", "graphed_calls", "unjoined", "plain")
     assert async_failed_capture.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 
 

@@ -13,6 +13,19 @@ def test_rate_and_eta_count_only_work_done_since_the_clock_started():
     assert [progress.format_duration(s) for s in (59.4, 61, 3725)] == ["59s", "1m01s", "1h02m"]
 
 
+def test_the_rate_leaves_out_the_first_units_one_time_costs_once_later_work_is_done():
+    t = [0.0]
+    clock = progress.Clock(total=1000, done=0, unit="it", settle=2, now=lambda: t[0])
+    t[0] = 30.0  # the first two iterations: 30 s of captures
+    assert clock.text(2) == "2/1000 it · 15.00 s/it · ETA 4h09m"  # nothing after them yet: the mean since the start
+    t[0] = 40.0
+    assert clock.text(42) == "42/1000 it · 4.0 it/s · ETA 4m00s"  # 40 it in the 10 s after them
+    assert clock.elapsed() == 40.0
+    plain = progress.Clock(total=10, done=0, settle=0, now=lambda: t[0])
+    t[0] = 50.0
+    assert plain.seconds_per_unit(5) == 2.0
+
+
 def test_throttle_is_due_first_then_after_its_interval():
     throttle = progress.Throttle(0.2)
     assert throttle.due() and not throttle.due()
