@@ -13,6 +13,7 @@ On the CPU (the miniature: `--model tiny`) there are no CUDA graphs and the time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +26,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def probe(model: str, backend: str, repeats: int, rank: int) -> dict:
+@contextlib.contextmanager
+def _uncached_factors(layer_class):
+    """The LoRA's factors cast in every pass, as with grad: no Python state (the cache) for dynamo to break on."""
+    cached = layer_class._factors
+    layer_class._factors = lambda self, dtype: (self.down.to(dtype), self.up.to(dtype) * (self.alpha / self.rank))
+    try:
+        yield
+    finally:
+        layer_class._factors = cached
+
+
+def probe(model: str, backend: str, repeats: int, rank: int, cached_lora: bool = True) -> dict:
     from statistics import median
     from bench import perf
     perf.import_host(None)
@@ -44,7 +56,10 @@ def probe(model: str, backend: str, repeats: int, rank: int) -> dict:
         for layer in lora.layers:
             layer.up.normal_(std=1e-3)
     context_dim = 768 if model == "tiny" else perf.UNET[model]["context_dim"]
-    report: dict = {"model": model, "backend": backend, "rank": rank, "dtype": str(dtype),
+    # ComfyUI's transformer_options['block'] differs per block: each is a recompile, and past dynamo's default limit (8)
+    # the rest run eagerly (the 2026-12-04 H200 run)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    report: dict = {"model": model, "backend": backend, "rank": rank, "dtype": str(dtype), "cached_lora": cached_lora,
                     "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "torch": torch.__version__}
 
@@ -59,7 +74,8 @@ def probe(model: str, backend: str, repeats: int, rank: int) -> dict:
         return x, kwargs
 
     with torch.inference_mode(False), training_unet.training_weights(unet, dtype), \
-            training_unet.lora_attached(root, lora), torch.no_grad():
+            training_unet.lora_attached(root, lora), torch.no_grad(), \
+            (contextlib.nullcontext() if cached_lora else _uncached_factors(lora_mod.LoRALayer)):
         x1, kw1 = inputs(1)
         explained = torch._dynamo.explain(unet)(x1, **kw1)
         reasons = []
@@ -98,10 +114,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="inductor", help="torch.compile's backend (aot_eager: the CPU test's)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--uncached-lora", action="store_true",
+                   help="the LoRA's factors cast in every pass (no cache: its Python state breaks dynamo's graph)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    report = probe(args.model, args.backend, args.repeats, args.rank)
+    report = probe(args.model, args.backend, args.repeats, args.rank, cached_lora=not args.uncached_lora)
     report["command"] = "python bench/compile_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = json.dumps(report, indent=1)
     if args.out:

@@ -10,7 +10,8 @@ under ten minutes (H100): trajectories at the node's default batch size; the nod
 training configuration (`checkpointing`), the 12 GB one (`checkpointing+heads1x1`), checkpointing off
 (`default`), the low-memory mode and the reference; the SD1.5 equivalence check. The ablations
 (`no_step_graphs`: per-pass graphs instead of each side's whole step, `no_graded_graphs`, `no_cuda_graphs`,
-`low_memory` alone) and the option `paired` run when named in --variants.
+`low_memory` alone) and the options `paired`, `targets_graph` (the targets as one graph, the student's chain on a
+second stream) and `cuda_graphs` (with `low_memory`: its step graphs, slot by slot) run when named in --variants.
 Prints a table last; writes JSON with the card, torch version, date and this command."""
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
-                 "paired", "no_step_graphs"}  # paired: Trainer(paired=True), the discriminators' iteration batched with
-# the next one's no-grad work; no_step_graphs: Config(step_graphs=False), per-pass graphs instead of each side's whole step
+                 "paired", "no_step_graphs", "targets_graph", "cuda_graphs"}  # paired: Trainer(paired=True), the
+# discriminators' iteration batched with the next one's no-grad work; no_step_graphs: Config(step_graphs=False), per-pass
+# graphs instead of each side's whole step; targets_graph: Config(targets_graph=True), the targets as one graph, the
+# chain on a second stream; cuda_graphs: Config(cuda_graphs=True), with low_memory its step graphs slot by slot
 
 
 def import_host(comfyui: str | None):
@@ -237,10 +240,10 @@ def variant_config(kind, variant, iterations, rank):
     parts = variant_parts(variant)
     return make_config(
         kind, iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
-        cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
+        cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else (True if "cuda_graphs" in parts else None),
         graded_graphs=False if "no_graded_graphs" in parts else None,
         discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="paired" in parts,
-        step_graphs="no_step_graphs" not in parts)
+        step_graphs="no_step_graphs" not in parts, targets_graph="targets_graph" in parts)
 
 
 def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
@@ -261,10 +264,14 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
             step(tr)
         sync()
         used = device_used_gib()  # graphs and their pools still held: the driver's view, whatever the allocator
-        graphs, steps = sess.graphs, sess.step_graphs
+        graphs = sess.graphs
+
+        def step_graphs_report(steps):
+            return None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays,
+                                               "failed": steps.failed, "error": steps.error}
         return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used, "pools_gib": graph_pools_gib(sess),
-            "step_graphs": None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays,
-                                                       "failed": steps.failed, "error": steps.error},
+            "step_graphs": step_graphs_report(sess.step_graphs),
+            **({"targets_graphs": step_graphs_report(sess.targets_graphs)} if sess.targets_graphs is not None else {}),
             "cuda_graphs": None if graphs is None else {"shapes": len(graphs.graphs), "replays": graphs.replays,
                                                         "failed": graphs.failed, "graded": graphs.graded,
                                                         "busy": graphs.busy, "error": graphs.error}}
@@ -414,15 +421,16 @@ def strict_kernels(enabled: bool):
         torch.use_deterministic_algorithms(saved[4])
 
 
-def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False, step_graphs=True):
+def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_checkpointing=False, step_graphs=True,
+                      targets_graph=False):
     """Product vs reference on the same draws: loss and gradients (bf16 with precision auto); with
     CUDA graphs, graph replays vs eager for the no-grad passes and for both sides' gradients (with `step_graphs`,
-    each side's whole step as one graph; else per-pass graphs)."""
+    each side's whole step as one graph; else per-pass graphs; with `targets_graph`, the targets as one graph)."""
     from comfy_rapm.reference import compare_with_product
     from comfy_rapm import session
     sess = session.Session(patcher, tset, make_config(kind, 2, rank, precision=precision,
                                                       gradient_checkpointing=gradient_checkpointing,
-                                                      step_graphs=step_graphs))
+                                                      step_graphs=step_graphs, targets_graph=targets_graph))
 
     def check(tr):
         torch.manual_seed(0)  # the same student in every run
@@ -433,13 +441,14 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
         if sess.graphs is not None:  # the no-grad part of an iteration, replayed from graphs vs eager
             positions = tr.data.positions[0].to(tr.device, torch.float32)
             cond = tr.data.conditioning(0)
-            sess.graphs.enabled = False
+            targets_graphs = tr.targets_graphs
+            sess.graphs.enabled, tr.targets_graphs = False, None
             eager = tr.targets(positions, cond)
-            sess.graphs.enabled = True
-            graphed = [tr.targets(positions, cond) for _ in range(2)][-1]  # capture, then replay
-            sess.graphs.enabled = False
+            sess.graphs.enabled, tr.targets_graphs = True, targets_graphs
+            graphed = [tuple(t.clone() for t in tr.targets(positions, cond)) for _ in range(2)][-1]  # capture, replay
+            sess.graphs.enabled, tr.targets_graphs = False, None
             eager_again = tr.targets(positions, cond)
-            sess.graphs.enabled = True
+            sess.graphs.enabled, tr.targets_graphs = True, targets_graphs
             rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
             out["cuda_graphs_vs_eager"] = {"rel_diff": max(rel(g, e) for g, e in zip(graphed, eager_again)),
                                            "eager_repeat_rel_diff": max(rel(a, e) for a, e in zip(eager, eager_again)),
@@ -462,9 +471,10 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
                 out["cuda_graphs_vs_eager"][f"{side}_grad_eager_repeat_rel_diff"] = rel_diff(eager_again, eager_grads)
             out["cuda_graphs_vs_eager"].update(shapes=len(sess.graphs.graphs), graded=sess.graphs.graded,
                                                failed=sess.graphs.failed, error=sess.graphs.error)
-            if step_graphs is not None:
-                out["cuda_graphs_vs_eager"]["step_graphs"] = {"shapes": len(step_graphs.graphs), "replays": step_graphs.replays,
-                                                              "failed": step_graphs.failed, "error": step_graphs.error}
+            for name, kept in (("step_graphs", step_graphs), ("targets_graphs", targets_graphs)):
+                if kept is not None:
+                    out["cuda_graphs_vs_eager"][name] = {"shapes": len(kept.graphs), "replays": kept.replays,
+                                                         "failed": kept.failed, "error": kept.error}
         out["reference_compared_with_graphs"] = sess.graphs is not None
         for student_turn in (True, False):
             c = compare_with_product(tr, student_turn)
@@ -601,7 +611,7 @@ def main(argv=None):
                    help="models the equivalence check runs on (SDXL's reference and product at once need ~50 GiB)")
     p.add_argument("--equivalence-precision", default="auto", help="comma-separated: auto (bf16 on the GPU), fp32; options joined by '+': checkpointing "
                    "(gradient checkpointing on), deterministic (deterministic kernels, no TF32), per_pass (per-pass graphs "
-                   "instead of each side's whole step as one graph), e.g. fp32+deterministic")
+                   "instead of each side's whole step as one graph), targets_graph (Config.targets_graph), e.g. fp32+deterministic")
     p.add_argument("--parts", default=None, metavar="VARIANT",
                    help="also time each part of an iteration of this variant alone (measure_parts), e.g. checkpointing")
     p.add_argument("--profile", default=None, help="also profile two iterations of the default variant; write the table here")
@@ -687,14 +697,15 @@ def main(argv=None):
             equivalence = not args.skip_equivalence and kind in args.equivalence_models.split(",")
             for item in args.equivalence_precision.split(",") if equivalence else []:
                 precision, *options = item.split("+")
-                if set(options) - {"checkpointing", "deterministic", "per_pass"}:
-                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic, +per_pass")
+                if set(options) - {"checkpointing", "deterministic", "per_pass", "targets_graph"}:
+                    raise ValueError(f"--equivalence-precision {item!r}: options are +checkpointing, +deterministic, "
+                                     "+per_pass, +targets_graph")
                 key = "_".join(["equivalence_bf16" if precision == "auto" else f"equivalence_{precision}"] + options)
                 reset_peak()
                 started = time.perf_counter()
                 with strict_kernels("deterministic" in options):
                     entry[key] = check_equivalence(patcher, tset, kind, args.rank, precision, "checkpointing" in options,
-                                                   "per_pass" not in options)
+                                                   "per_pass" not in options, "targets_graph" in options)
                 entry[key]["wall_seconds"] = time.perf_counter() - started
                 print(f"[{kind}] {key} {entry[key]}", flush=True)
                 save()

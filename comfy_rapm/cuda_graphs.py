@@ -316,15 +316,15 @@ class StepGraphs:
 
     `step(tensors, handle)` returns a tuple of tensors; `tensors` is a tuple of tensors or None; `handle` is an object
     (the host's conditioning) whose tensors `tensors_of(handle)` lists in a fixed order: the first call's handle is
-    kept, and later calls copy their handle's tensors into it. The returned tensors are the graph's own outputs: valid
-    until the next call. `pause()` is a context in which the per-pass graphs stand aside (no capture inside a capture).
+    kept, and later calls copy their handle's tensors into it. The returned tensors (or Nones) are the graph's own
+    outputs: valid until the next call with that signature. `pause()` is a context in which the per-pass graphs stand aside (no capture inside a capture).
     Eager off CUDA, and for good after a failed capture (`error` says why)."""
 
     def __init__(self, tensors_of: Callable[[object], list], pause: Callable[[], object], warmup: int = 2,
-                 interrupts: tuple[type, ...] = ()):
+                 interrupts: tuple[type, ...] = (), pool=None):
         self.tensors_of, self.pause, self.warmup, self.interrupts = tensors_of, pause, warmup, interrupts
         self.graphs: dict = {}
-        self.pool = None
+        self.pool = pool  # a graph_pool_handle() shared with other graphs never replayed at the same time; None: its own
         self.failed = False
         self.error = None
         self.replays = 0

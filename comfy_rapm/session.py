@@ -72,7 +72,7 @@ class Session:
         self.student_graphs = student_graded and self.student_graphs_off_reason is None
         if self.student_graphs_off_reason:
             log.warning("RAPM: %s", self.student_graphs_off_reason)
-        self.graphs = self.step_graphs = None
+        self.graphs = self.step_graphs = self.targets_graphs = None
         with torch.inference_mode(False):  # nodes run under inference mode; trainable tensors must not
             self.data = trajectory_set.load()
             self.lora = lora_mod.LoRA(host.weight_modules(model), config.lora_rank, config.lora_alpha, seed=config.seed)
@@ -107,13 +107,19 @@ class Session:
                     denoiser.model_sampling, lora, discriminators, lambda x, s, c, g: denoiser(x, s, c, cfg=g),
                     features, device)
                 if graphs is not None and config.uses_step_graphs:
-                    tr.step_graphs = cuda_graphs_mod.StepGraphs(host.conditioning_tensors, graphs.paused,
-                                                                interrupts=host.interrupted_types())
-                self.graphs, self.step_graphs = graphs, tr.step_graphs
+                    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # one pool: replayed in turn
+
+                    def step_graphs():
+                        return cuda_graphs_mod.StepGraphs(host.conditioning_tensors, graphs.paused,
+                                                          interrupts=host.interrupted_types(), pool=pool)
+                    tr.step_graphs = step_graphs()
+                    # its own: a failed targets capture leaves the steps' graphs on
+                    tr.targets_graphs = step_graphs() if config.uses_targets_graph else None
+                self.graphs, self.step_graphs, self.targets_graphs = graphs, tr.step_graphs, tr.targets_graphs
                 try:
                     return fn(tr)
                 finally:
-                    self.graphs = self.step_graphs = None
+                    self.graphs = self.step_graphs = self.targets_graphs = None
 
         with torch.inference_mode(False):
             return host.run_with_denoiser(self.student, data[0].positive, data[0].negative, (1,) + self.latent_shape,
@@ -138,10 +144,12 @@ class Session:
     @property
     def safe_path_notice(self) -> str | None:
         """What the node adds to its progress line while it runs a slower, safe path (None: full speed)."""
-        steps = self.step_graphs
+        steps, targets = self.step_graphs, self.targets_graphs
         steps_off = (f"CUDA graphs of whole training steps are off ({steps.error}); the steps run without them, which "
                      "is slower." if steps is not None and steps.failed else None)
-        lines = [text for text in (self.student_graphs_off_reason, steps_off) if text]
+        targets_off = (f"The CUDA graph of the training targets is off ({targets.error}); they run pass by pass."
+                       if targets is not None and targets.failed else None)
+        lines = [text for text in (self.student_graphs_off_reason, steps_off, targets_off) if text]
         return "\n".join(lines) or None
 
     def lora_weights(self, metadata: dict) -> lora_mod.LoRAWeights:

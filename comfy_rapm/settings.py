@@ -47,9 +47,13 @@ class Config:
     # freed inside one graph, as PyTorch's cudaMallocAsync allocator supports: on an H200 it runs there at the native
     # allocator's speed, where per-pass graphs with grad crash (bench/NOTES.md). perf.py's `no_step_graphs` turns it off.
     step_graphs: bool = True
+    # With step graphs: an iteration's no-grad targets as one more graph, in which the student's batch-1 chain runs on
+    # a second stream beside the teacher's Δ-step and the frozen student's step (they read only the stored positions).
+    # An option for A/B runs (perf.py `targets_graph`); off until measured.
+    targets_graph: bool = False
 
     RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",
-               "graded_graphs", "paired_iterations", "step_graphs")
+               "graded_graphs", "paired_iterations", "step_graphs", "targets_graph")
 
     def weights(self, steps: int) -> list[float]:
         w = [float(v) for v in self.absolute_weight]
@@ -81,7 +85,11 @@ class Config:
 
     @property
     def uses_step_graphs(self) -> bool:
-        return self.step_graphs and self.uses_cuda_graphs and not self.low_memory
+        return self.step_graphs and self.uses_cuda_graphs  # in low-memory mode only with cuda_graphs on
+
+    @property
+    def uses_targets_graph(self) -> bool:
+        return self.targets_graph and self.uses_step_graphs
 
     def resume_key(self) -> dict:
         """What must match to resume: everything but the iteration budget, the checkpoint interval and how it

@@ -16,6 +16,7 @@ per-slot backward in low-memory mode: the gradients are the same). Positions and
 the paper's VP space; the model runs in its own space (schedule.to_vp / from_vp)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,6 +90,7 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         self.paired = config.paired_iterations and not config.low_memory and data.paired_conditioning is not None
         self.step_graphs = None  # a cuda_graphs.StepGraphs: each side's whole step as one graph (set by the session)
+        self.targets_graphs = None  # another, for targets() (Config.targets_graph; set by the session)
         self._pending: _Pending | None = None
         self.disc_opt = None
         if config.uses_gan:
@@ -118,16 +120,36 @@ class Trainer:
     def targets(self, positions: torch.Tensor, cond):
         """The no-grad part of an iteration: the student's own chain and the relative targets.
         Returns (student inputs z_{n+1}, student outputs z_n, relative targets ẑ_n), each (N, C, H, W)."""
+        if self.targets_graphs is not None:
+            return tuple(self.targets_graphs(self._targets, (positions,), cond))
+        return self._targets((positions,), cond)
+
+    def _targets(self, tensors: tuple, cond) -> tuple:
+        """targets() as a step for cuda_graphs.StepGraphs. While a CUDA graph is captured the chain goes on a second
+        stream: its four batch-1 passes use a fraction of the GPU, and the teacher's and frozen student's batched
+        steps, which read only the stored positions, run beside them in the graph."""
+        positions, = tensors
+        current = torch.cuda.current_stream(positions.device) if positions.is_cuda else None
+        side = None
+        if current is not None and torch.cuda.is_current_stream_capturing():
+            side = self._chain_stream = getattr(self, "_chain_stream", None) or torch.cuda.Stream(positions.device)
+            side.wait_stream(current)
         with torch.no_grad():
-            chain = [positions[0:1]]
-            for j in range(self.steps):
-                chain.append(self.ddim_step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
-            inputs, outputs = torch.cat(chain[:-1]), torch.cat(chain[1:])
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                inputs, outputs = self._chain(positions[0:1], cond)  # its temporaries are freed on its stream
             relative = None
             if self.config.uses_relative:
                 teacher_delta = self.ddim_step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
                 relative = self.ddim_step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
+        if side is not None:
+            current.wait_stream(side)
         return inputs, outputs, relative
+
+    def _chain(self, start: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        chain = [start]
+        for j in range(self.steps):
+            chain.append(self.ddim_step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
+        return torch.cat(chain[:-1]), torch.cat(chain[1:])
 
     def paired_targets(self, first: "Draws", second: "Draws") -> tuple[tuple, tuple]:
         """targets() of two draws in one batched pass; rows alternate first, second (slot-major), which is how the
@@ -269,25 +291,35 @@ class Trainer:
             p.grad = g  # the graph's output: used by this iteration's optimizer step, overwritten by the next replay
         return {"discriminator": total.item()}
 
-    def _student_losses(self, z_phi, j, relative, absolute, s_adv, noise, cond):
-        """Huber and generator terms for the slots in z_phi (slot indices j: a slice; `s_adv`: every slot's σ(adv_t))."""
+    def _student_losses(self, z_phi, relative, absolute, s_adv, s_to, w, noise, cond):
+        """Huber and generator terms for the slots in z_phi; the other tensors are those slots' (relative: None when
+        the mode has no relative term)."""
         cfg = self.config
-        w = self.weights[j]
         huber = torch.zeros((), device=self.device)
         if cfg.uses_relative:
-            huber = huber + losses.pseudo_huber(z_phi, relative[j], cfg.huber_c).sum()
+            huber = huber + losses.pseudo_huber(z_phi, relative, cfg.huber_c).sum()
         if cfg.uses_absolute:
-            huber = huber + (w * losses.pseudo_huber(z_phi, absolute[j], cfg.huber_c)).sum()
+            huber = huber + (w * losses.pseudo_huber(z_phi, absolute, cfg.huber_c)).sum()
         generator = torch.zeros((), device=self.device)
         if cfg.uses_gan:
             d = self.discriminators
-            feats = self.backbone_features(z_phi, s_adv[j], self.s_to[j], noise[j], cond)
+            feats = self.backbone_features(z_phi, s_adv, s_to, noise, cond)
             if cfg.uses_relative:
                 generator = generator + losses.hinge_generator(d.relative(feats)).sum()
             if cfg.uses_absolute:
                 generator = generator + (w * losses.hinge_generator(d.absolute(feats))).sum()
             generator = generator * cfg.adversarial_weight
         return huber, generator
+
+    def _slot_tensors(self, j: slice, inputs, relative, absolute, s_adv, noise) -> tuple:
+        """What the student's step reads for the slots j: (z_{n+1}, ẑ_n, z̃_n, σ(adv_t), noise, σ_{n+1}, σ_n, w_n)."""
+        return (inputs[j], None if relative is None else relative[j], absolute[j], s_adv[j], noise[j],
+                self.s_from[j], self.s_to[j], self.weights[j])
+
+    def _student_step(self, tensors, cond):
+        inputs, relative, absolute, s_adv, noise, s_from, s_to, w = tensors
+        z_phi = self.ddim_step(inputs, s_from, s_to, cond, 1.0, student=True)
+        return self._student_losses(z_phi, relative, absolute, s_adv, s_to, w, noise, cond)
 
     def _student_backward(self, inputs, relative, absolute, t_adv, noise, cond) -> dict:
         cfg = self.config
@@ -299,10 +331,10 @@ class Trainer:
             self.discriminators.requires_grad_(False)
         try:
             if self.step_graphs is not None:
-                return self._student_step_graphed(inputs, relative, absolute, s_adv, noise, cond)
+                return self._student_steps_graphed([self._slot_tensors(j, inputs, relative, absolute, s_adv, noise)
+                                                    for j in groups], cond)
             for j in groups:
-                z_phi = self.ddim_step(inputs[j], self.s_from[j], self.s_to[j], cond, 1.0, student=True)
-                huber, generator = self._student_losses(z_phi, j, relative, absolute, s_adv, noise, cond)
+                huber, generator = self._student_step(self._slot_tensors(j, inputs, relative, absolute, s_adv, noise), cond)
                 loss = huber + generator
                 self._check_finite(loss, "student")
                 loss.backward()
@@ -314,21 +346,28 @@ class Trainer:
             self.lora.set_enabled(True)
         return {"loss": huber_sum + gen_sum, "huber": huber_sum, "generator": gen_sum}
 
-    def _student_step_graphed(self, inputs, relative, absolute, s_adv, noise, cond) -> dict:
-        """The student's batched step as one graph (self.step_graphs): the same losses, gradients by
-        torch.autograd.grad instead of backward (nothing accumulates), checked for finiteness after the replay."""
+    def _student_steps_graphed(self, groups: list[tuple], cond) -> dict:
+        """The student's step as one graph (self.step_graphs) per group of slots (all slots; slot by slot in low-memory
+        mode, one graph replayed per slot): the same losses, gradients by torch.autograd.grad instead of backward,
+        summed over the groups, checked for finiteness after the replays."""
         parameters = list(self.lora.parameters())
-        every = slice(0, self.steps)
 
         def step(tensors, handle):
-            inputs_, relative_, absolute_, s_adv_, noise_ = tensors
-            z_phi = self.ddim_step(inputs_, self.s_from, self.s_to, handle, 1.0, student=True)
-            huber, generator = self._student_losses(z_phi, every, relative_, absolute_, s_adv_, noise_, handle)
+            huber, generator = self._student_step(tensors, handle)
             return (huber, generator) + torch.autograd.grad(huber + generator, parameters)
-        huber, generator, *grads = self.step_graphs(step, (inputs, relative, absolute, s_adv, noise), cond)
+        sums = None
+        for tensors in groups:
+            huber, generator, *grads = self.step_graphs(step, tensors, cond)
+            if len(groups) == 1:
+                sums = [huber, generator] + grads  # the graph's outputs: overwritten by its next replay
+            elif sums is None:
+                sums = [t.clone() for t in [huber, generator] + grads]
+            else:
+                torch._foreach_add_(sums, [huber, generator] + grads)
+        huber, generator, *grads = sums
         self._check_finite(huber + generator, "student")
         for p, g in zip(parameters, grads):
-            p.grad = g  # the graph's output: used by this iteration's optimizer step, overwritten by the next replay
+            p.grad = g  # used by this iteration's optimizer step
         h, g = huber.item(), generator.item()
         return {"loss": h + g, "huber": h, "generator": g}
 

@@ -30,7 +30,7 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
     ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+paired",
-                 "checkpointing+no_step_graphs"]
+                 "checkpointing+no_step_graphs", "checkpointing+targets_graph", "low_memory+checkpointing+cuda_graphs"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
@@ -38,6 +38,8 @@ def test_perf_ablations_run_when_named(host, tmp_path):
     assert all(r["pools_gib"] == {} for r in training.values())  # pools are the native CUDA allocator's
     assert training["checkpointing+paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
     assert training["checkpointing+no_step_graphs"]["step_graphs"] is None
+    assert training["low_memory"]["step_graphs"] is None  # low_memory keeps its eager path unless cuda_graphs is named
+    assert training["low_memory+checkpointing+cuda_graphs"]["step_graphs"] is not None
 
 
 def test_perf_refuses_an_unknown_variant(host, tmp_path):
@@ -138,6 +140,13 @@ def test_the_compile_probe_runs_on_the_miniature(host, tmp_path):
     assert report["dynamo"]["graphs"] >= 1 and report["compile_seconds_batch_1"] > 0
     assert report["max_abs_diff"] <= 1e-5 * report["eager_abs_max"]
     assert all(report["ms_per_pass"][f"{k}_batch_{b}"] > 0 for k in ("eager", "compiled") for b in (1, 8))
+    from comfy_rapm import lora
+    cached = lora.LoRALayer._factors
+    assert compile_probe.main(["--model", "tiny", "--backend", "aot_eager", "--repeats", "1", "--rank", "4",
+                               "--uncached-lora", "--out", str(out)]) == 0
+    uncached = json.loads(out.read_text())
+    assert uncached["cached_lora"] is False and uncached["max_abs_diff"] <= 1e-5 * uncached["eager_abs_max"]
+    assert lora.LoRALayer._factors is cached  # put back
 
 
 def test_reserved_memory_is_split_by_pool():

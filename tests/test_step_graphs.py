@@ -164,3 +164,45 @@ def test_a_failed_calls_frames_and_their_tensors_can_be_released_inside_the_capt
         del error
     assert all(ref() is None for ref in held) and len(held) == 2  # freed by reference counts, no collection needed
     assert str(failure) == "outer" and str(failure.__cause__) == "inner" and failure.__traceback__ is None
+
+
+def test_the_targets_graph_option_runs_the_targets_through_their_own_step_graphs(teacher, tset):
+    """Config.targets_graph: targets() goes through a second StepGraphs (eager on the CPU, the same values); a
+    failed targets capture must not turn the steps' graphs off, so it is its own object, and off by default."""
+    def targets(targets_graph):
+        sess = session.Session(teacher, tset, _config(targets_graph=targets_graph))
+
+        def fit(tr):
+            assert (tr.targets_graphs is not None) is targets_graph and tr.targets_graphs is not tr.step_graphs
+            called = []
+            if targets_graph:
+                real = tr.targets_graphs.__call__
+                tr.targets_graphs = lambda step, tensors, handle: called.append(step) or real(step, tensors, handle)
+            positions = tr.data.positions[1].to(tr.device, torch.float32)
+            out = tr.targets(positions, tr.data.conditioning(1))
+            assert len(called) == int(targets_graph)
+            return out
+        return sess.run(fit)
+    plain, graphed = targets(False), targets(True)
+    assert len(graphed) == 3 and all(torch.equal(a, b) for a, b in zip(plain, graphed))
+    assert session.Session(teacher, tset, _config(targets_graph=True, low_memory=True)).run(lambda tr: tr.targets_graphs) is None
+
+
+def test_low_memory_with_cuda_graphs_steps_slot_by_slot_through_one_step_graph(teacher, tset):
+    """low_memory with cuda_graphs on: the student's step is one graph per slot (one shape, replayed per slot), the
+    gradients summed over the slots: the losses and gradients of low_memory's eager slot-by-slot backward."""
+    eager, eager_grads = _student_step(teacher, tset, False, low_memory=True)
+    calls = []
+    real = cuda_graphs.StepGraphs.__call__
+
+    def counted(self, step, tensors, handle):
+        calls.append(tuple(None if t is None else t.shape[0] for t in tensors))
+        return real(self, step, tensors, handle)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_graphs.StepGraphs, "__call__", counted)
+        graphed, graphed_grads = _student_step(teacher, tset, True, low_memory=True, cuda_graphs=True)
+    assert calls[-4:] == [(1,) * 8] * 4  # the student's turn: four one-slot steps
+    for key in ("loss", "huber", "generator"):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-8), key
+    flat = [torch.cat([g.flatten() for g in grads]) for grads in (eager_grads, graphed_grads)]
+    assert flat[0].norm() > 0 and _rel(flat[1], flat[0]) < 1e-5

@@ -102,8 +102,8 @@ def test_slots_are_decoupled_and_slot_by_slot_backprop_gives_the_same_gradient(t
 
         def grads(j, slot_inputs):
             tr.lora.zero_grad(set_to_none=True)
-            z = tr.ddim_step(slot_inputs[j], tr.s_from[j], tr.s_to[j], cond, 1.0, student=True)
-            h, g = tr._student_losses(z, j, relative, positions[1:], tr.adversarial_sigmas(t_adv), noise, cond)
+            h, g = tr._student_step(tr._slot_tensors(j, slot_inputs, relative, positions[1:], tr.adversarial_sigmas(t_adv),
+                                                     noise), cond)
             (h + g).backward()
             return torch.cat([p.grad.flatten() for p in tr.lora.parameters()])
 
