@@ -38,9 +38,10 @@ class Config:
     graded_graphs: bool | None = None  # the passes with grad too; None: as cuda_graphs
     # Each discriminators' iteration also computes the next (student) iteration's no-grad work, in one batch with its
     # own (the student's chain at batch 2, the teacher and frozen-student steps at 2N rows): the LoRA does not change
-    # between the two (only the discriminators step), so the values and draws are those of separate iterations. An
-    # option for A/B runs (perf.py `paired`); off until measured.
-    paired_iterations: bool = False
+    # between the two (only the discriminators step), so the values and draws are those of separate iterations.
+    # Measured on an H200 with step graphs (bench/NOTES.md): SD1.5 −10% s/it under cudaMallocAsync, −12% natively, for
+    # +1.1 GiB; SDXL −3.5% / −9% for +2.4 GiB. Not with low_memory. perf.py's `no_paired` turns it off.
+    paired_iterations: bool = True
     # Each side's whole step as one CUDA graph: the student's (its pass, the backbone's features, the heads, the
     # losses and the LoRA's gradients) instead of per-pass graphs with grad, the discriminators' (the backbone's
     # features and the heads' losses and gradients, head by head) instead of eager heads. Every allocation is made and

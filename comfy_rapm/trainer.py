@@ -63,6 +63,7 @@ class _Pending:
     draws: "Draws"
     targets: tuple
     rng_before: torch.Tensor  # the draw generator's state before these draws: what a checkpoint records
+    rng_pair: torch.Tensor    # its state before the discriminators' iteration's draws: to compute the pair again
 
 
 class Trainer:
@@ -91,7 +92,9 @@ class Trainer:
         self.paired = config.paired_iterations and not config.low_memory and data.paired_conditioning is not None
         self.step_graphs = None  # a cuda_graphs.StepGraphs: each side's whole step as one graph (set by the session)
         self.targets_graphs = None  # another, for targets() (Config.targets_graph; set by the session)
+        self._chain_stream = None  # where the chain runs while the targets' graph is captured
         self._pending: _Pending | None = None
+        self._resumed_pair = None  # a checkpoint's "rng_pair" (load_state_tensors)
         self.disc_opt = None
         if config.uses_gan:
             if discriminators is None or features is None:
@@ -125,51 +128,69 @@ class Trainer:
         return self._targets((positions,), cond)
 
     def _targets(self, tensors: tuple, cond) -> tuple:
-        """targets() as a step for cuda_graphs.StepGraphs. While a CUDA graph is captured the chain goes on a second
-        stream: its four batch-1 passes use a fraction of the GPU, and the teacher's and frozen student's batched
-        steps, which read only the stored positions, run beside them in the graph."""
         positions, = tensors
-        current = torch.cuda.current_stream(positions.device) if positions.is_cuda else None
-        side = None
-        if current is not None and torch.cuda.is_current_stream_capturing():
-            side = self._chain_stream = getattr(self, "_chain_stream", None) or torch.cuda.Stream(positions.device)
-            side.wait_stream(current)
-        with torch.no_grad():
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                inputs, outputs = self._chain(positions[0:1], cond)  # its temporaries are freed on its stream
-            relative = None
-            if self.config.uses_relative:
-                teacher_delta = self.ddim_step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
-                relative = self.ddim_step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
-        if side is not None:
-            current.wait_stream(side)
-        return inputs, outputs, relative
 
-    def _chain(self, start: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        chain = [start]
-        for j in range(self.steps):
-            chain.append(self.ddim_step(chain[-1], self.s_from[j:j + 1], self.s_to[j:j + 1], cond, 1.0, student=True))
-        return torch.cat(chain[:-1]), torch.cat(chain[1:])
+        def relative():
+            teacher_delta = self.ddim_step(positions[:-1], self.s_from, self.s_delta, cond, self.data.cfg, student=False)
+            return self.ddim_step(teacher_delta, self.s_delta, self.s_to, cond, 1.0, student=True)
+        (inputs, outputs), relative = self._beside_the_chain(
+            positions, lambda: self._chain(positions[0:1], lambda s: s, cond, torch.cat), relative)
+        return inputs, outputs, relative
 
     def paired_targets(self, first: "Draws", second: "Draws") -> tuple[tuple, tuple]:
         """targets() of two draws in one batched pass; rows alternate first, second (slot-major), which is how the
         host tiles the batch-2 conditioning over the batch. Returns (first's targets, second's targets)."""
-        n = self.steps
-        pos = [self.data.positions[d.index].to(self.device, torch.float32) for d in (first, second)]
+        pos = tuple(self.data.positions[d.index].to(self.device, torch.float32) for d in (first, second))
         cond = self.data.paired_conditioning(first.index, second.index)
-        two = lambda s: s.repeat_interleave(2)  # noqa: E731  (per row: slot-major, the two draws alternating)
-        with torch.no_grad():
-            chain = [torch.cat([pos[0][0:1], pos[1][0:1]])]
-            for j in range(n):
-                chain.append(self.ddim_step(chain[-1], two(self.s_from[j:j + 1]), two(self.s_to[j:j + 1]), cond, 1.0, student=True))
-            inputs, outputs = torch.stack(chain[:-1]), torch.stack(chain[1:])  # (N, 2, C, H, W)
-            relative = None
-            if self.config.uses_relative:
-                starts = torch.stack([pos[0][:-1], pos[1][:-1]], dim=1).flatten(0, 1)
-                teacher_delta = self.ddim_step(starts, two(self.s_from), two(self.s_delta), cond, self.data.cfg, student=False)
-                relative = self.ddim_step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True)
-                relative = relative.unflatten(0, (n, 2))
+        if self.targets_graphs is not None:
+            inputs, outputs, relative = self.targets_graphs(self._paired_targets, pos, cond)
+        else:
+            inputs, outputs, relative = self._paired_targets(pos, cond)
         return tuple(tuple(None if t is None else t[:, k] for t in (inputs, outputs, relative)) for k in (0, 1))
+
+    def _paired_targets(self, tensors: tuple, cond) -> tuple:
+        """Both draws' targets, each (N, 2, C, H, W)."""
+        n = self.steps
+        two = lambda s: s.repeat_interleave(2)  # noqa: E731  (per row: slot-major, the two draws alternating)
+
+        def relative():
+            starts = torch.stack([tensors[0][:-1], tensors[1][:-1]], dim=1).flatten(0, 1)
+            teacher_delta = self.ddim_step(starts, two(self.s_from), two(self.s_delta), cond, self.data.cfg, student=False)
+            return self.ddim_step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True).unflatten(0, (n, 2))
+        start = torch.cat([tensors[0][0:1], tensors[1][0:1]])
+        (inputs, outputs), relative = self._beside_the_chain(
+            tensors[0], lambda: self._chain(start, two, cond, torch.stack), relative)
+        return inputs, outputs, relative
+
+    def _chain(self, start, per_row, cond, join) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's own chain from `start` (no grad), sigmas per row by `per_row`; (inputs, outputs) of its steps,
+        each joined over the steps by `join` (torch.cat: (N, …); torch.stack: (N, rows, …))."""
+        chain = [start]
+        for j in range(self.steps):
+            chain.append(self.ddim_step(chain[-1], per_row(self.s_from[j:j + 1]), per_row(self.s_to[j:j + 1]), cond, 1.0,
+                                        student=True))
+        return join(chain[:-1]), join(chain[1:])
+
+    def _beside_the_chain(self, like: torch.Tensor, chain: Callable, relative: Callable) -> tuple:
+        """(chain(), relative() or None when the mode has no relative term), without grad. While the targets' CUDA
+        graph is captured the chain goes on a second stream: its batch-1 (or 2) passes use a fraction of the GPU, and
+        the teacher's and frozen student's batched steps, which read only the stored positions, run beside them in the
+        graph; the chain's temporaries are freed on its own stream, before the streams join."""
+        side = current = None
+        if like.is_cuda and self.targets_graphs is not None:
+            current = torch.cuda.current_stream(like.device)
+            if self._chain_stream is None:  # made in the eager run before the capture, not during it
+                self._chain_stream = torch.cuda.Stream(like.device)
+            if torch.cuda.is_current_stream_capturing():
+                side = self._chain_stream
+                side.wait_stream(current)
+        with torch.no_grad():
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                chained = chain()
+            related = relative() if self.config.uses_relative else None
+        if side is not None:
+            current.wait_stream(side)
+        return chained, related
 
     def draw(self) -> "Draws":
         """The iteration's random choices: which trajectory, adv_t and re-noising noise per slot."""
@@ -187,7 +208,11 @@ class Trainer:
         cfg = self.config
         student_turn = self.iteration % 2 == 1
         pending = self._pending if self._pending is not None and self._pending.iteration == self.iteration else None
+        if pending is None and student_turn and self._resumed_pair is not None:
+            pending = self._pair_again(self._resumed_pair)
+        self._resumed_pair = None
         self._pending = pending
+        rng_pair = self.rng.get_state()
         draws = pending.draws if pending else self.draw()
         if not student_turn and not cfg.uses_gan:
             self.iteration += 1
@@ -197,7 +222,7 @@ class Trainer:
             rng_before = self.rng.get_state()
             following = self.draw()
             targets, following_targets = self.paired_targets(draws, following)
-            self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before)
+            self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before, rng_pair)
         result = self.backward(draws, student_turn, targets)
         self.optimizer_step(student_turn)
         if student_turn:
@@ -387,7 +412,10 @@ class Trainer:
             out.update(_optimizer_tensors(self.disc_opt, "opt.disc"))
         pending = self._pending
         # a paired run has drawn the next iteration's choices already: record the state before them
-        out["rng"] = pending.rng_before if pending is not None and pending.iteration == self.iteration else self.rng.get_state()
+        between = pending is not None and pending.iteration == self.iteration
+        out["rng"] = pending.rng_before if between else self.rng.get_state()
+        if between:
+            out["rng_pair"] = pending.rng_pair
         out["iteration"] = torch.tensor(self.iteration, dtype=torch.int64)
         return out
 
@@ -401,6 +429,18 @@ class Trainer:
         self.rng.set_state(tensors["rng"])
         self.iteration = int(tensors["iteration"])
         self._pending = None
+        # saved between a pair's two iterations: the student's turn computes the pair's targets again, bit for bit
+        self._resumed_pair = tensors.get("rng_pair") if self.paired else None
+
+    def _pair_again(self, rng_pair: torch.Tensor) -> "_Pending":
+        """The pending half of a pair saved between its iterations: both draws made again from the state before the
+        first, the targets computed paired as the uninterrupted run did (batched float sums differ from unpaired)."""
+        self.rng.set_state(rng_pair)
+        first = self.draw()
+        rng_before = self.rng.get_state()
+        following = self.draw()
+        _, following_targets = self.paired_targets(first, following)
+        return _Pending(self.iteration, following, following_targets, rng_before, rng_pair)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

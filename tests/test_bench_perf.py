@@ -29,14 +29,14 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
-    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+paired",
+    ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+no_paired",
                  "checkpointing+no_step_graphs", "checkpointing+targets_graph", "low_memory+checkpointing+cuda_graphs"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
     assert set(training) == set(ablations) and all(r["seconds_per_iteration"] > 0 for r in training.values())
     assert all(r["pools_gib"] == {} for r in training.values())  # pools are the native CUDA allocator's
-    assert training["checkpointing+paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
+    assert training["checkpointing+no_paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
     assert training["checkpointing+no_step_graphs"]["step_graphs"] is None
     assert training["low_memory"]["step_graphs"] is None  # low_memory keeps its eager path unless cuda_graphs is named
     assert training["low_memory+checkpointing+cuda_graphs"]["step_graphs"] is not None

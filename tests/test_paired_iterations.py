@@ -83,8 +83,10 @@ def test_the_precomputed_targets_and_the_student_gradients_are_those_of_a_separa
 
 def test_a_checkpoint_between_the_pair_resumes_to_the_same_student_step(teacher, tset):
     """After the discriminators' iteration the next draws are made already; the checkpoint records the draw
-    generator as it was before them, so a resumed run draws them again and computes the targets itself."""
+    generator as it was before them (what an unpaired run resumes from) and before the pair's first draws, so a
+    resumed run draws both again and computes the pair's targets as the uninterrupted run did: bit for bit."""
     plain, _, _, _ = _run(teacher, tset, paired=False, iterations=2)
+    uninterrupted, _, _, _ = _run(teacher, tset, paired=True, iterations=2)
 
     saved = {}
 
@@ -99,10 +101,12 @@ def test_a_checkpoint_between_the_pair_resumes_to_the_same_student_step(teacher,
         assert tr._pending is None
         probe = torch.Generator()
         probe.set_state(tr.rng.get_state())
-        return tr.run_iteration()  # the student's iteration, its targets computed unpaired
+        return tr.run_iteration()  # the student's iteration, the pair's targets computed again
     sess = session.Session(teacher, tset, _config(paired_iterations=True))
     resumed = sess.run(resume)
+    assert "rng_pair" in saved
     for key in resumed:  # the same student step as in a run never interrupted
+        assert resumed[key] == uninterrupted[1][key], key
         assert resumed[key] == pytest.approx(plain[1][key], rel=1e-5, abs=1e-7), key
     generator = torch.Generator()
     generator.set_state(saved["rng"])

@@ -185,6 +185,21 @@ def test_the_targets_graph_option_runs_the_targets_through_their_own_step_graphs
         return sess.run(fit)
     plain, graphed = targets(False), targets(True)
     assert len(graphed) == 3 and all(torch.equal(a, b) for a, b in zip(plain, graphed))
+
+    def paired(targets_graph):
+        sess = session.Session(teacher, tset, _config(targets_graph=targets_graph, paired_iterations=True))
+
+        def fit(tr):
+            called = []
+            if targets_graph:
+                real = tr.targets_graphs.__call__
+                tr.targets_graphs = lambda step, tensors, handle: called.append(len(tensors)) or real(step, tensors, handle)
+            first, second = tr.draw(), tr.draw()
+            out = tr.paired_targets(first, second)
+            assert called == ([2] if targets_graph else [])  # both draws' positions, one graph
+            return [t for pair in out for t in pair]
+        return sess.run(fit)
+    assert all(torch.equal(a, b) for a, b in zip(paired(False), paired(True)))
     assert session.Session(teacher, tset, _config(targets_graph=True, low_memory=True)).run(lambda tr: tr.targets_graphs) is None
 
 
