@@ -56,10 +56,11 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
-                 "no_paired", "no_step_graphs", "targets_graph", "cuda_graphs"}  # no_paired: Config(paired_iterations=
-# False), the discriminators' iteration not batched with the next one's no-grad work; no_step_graphs: Config(step_graphs=False), per-pass
-# graphs instead of each side's whole step; targets_graph: Config(targets_graph=True), the targets as one graph, the
-# chain on a second stream; cuda_graphs: Config(cuda_graphs=True), with low_memory its step graphs slot by slot
+                 "no_paired", "no_step_graphs", "targets_graph", "cuda_graphs"}
+# no_paired: Config(paired_iterations=False), the discriminators' iteration not batched with the next one's no-grad
+# work; no_step_graphs: Config(step_graphs=False), per-pass graphs instead of each side's whole step; targets_graph:
+# Config(targets_graph=True), the targets as one graph, the chain on a second stream; cuda_graphs:
+# Config(cuda_graphs=True), with low_memory its step graphs slot by slot
 
 
 def import_host(comfyui: str | None):
@@ -246,6 +247,12 @@ def variant_config(kind, variant, iterations, rank):
         step_graphs="no_step_graphs" not in parts, targets_graph="targets_graph" in parts)
 
 
+def step_graphs_report(steps) -> dict | None:
+    """What a cuda_graphs.StepGraphs did: its shapes, replays and whether (and why) a capture failed."""
+    return None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays, "failed": steps.failed,
+                                       "error": steps.error}
+
+
 def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
     from comfy_rapm import session
     parts = variant_parts(variant)
@@ -265,10 +272,6 @@ def measure_training(patcher, tset, kind, variant, warmup, iterations, rank):
         sync()
         used = device_used_gib()  # graphs and their pools still held: the driver's view, whatever the allocator
         graphs = sess.graphs
-
-        def step_graphs_report(steps):
-            return None if steps is None else {"shapes": len(steps.graphs), "replays": steps.replays,
-                                               "failed": steps.failed, "error": steps.error}
         return (time.perf_counter() - t0) / iterations, {"device_used_gib_after": used, "pools_gib": graph_pools_gib(sess),
             "step_graphs": step_graphs_report(sess.step_graphs),
             **({"targets_graphs": step_graphs_report(sess.targets_graphs)} if sess.targets_graphs is not None else {}),
@@ -473,8 +476,7 @@ def check_equivalence(patcher, tset, kind, rank, precision="auto", gradient_chec
                                                failed=sess.graphs.failed, error=sess.graphs.error)
             for name, kept in (("step_graphs", step_graphs), ("targets_graphs", targets_graphs)):
                 if kept is not None:
-                    out["cuda_graphs_vs_eager"][name] = {"shapes": len(kept.graphs), "replays": kept.replays,
-                                                         "failed": kept.failed, "error": kept.error}
+                    out["cuda_graphs_vs_eager"][name] = step_graphs_report(kept)
         out["reference_compared_with_graphs"] = sess.graphs is not None
         for student_turn in (True, False):
             c = compare_with_product(tr, student_turn)

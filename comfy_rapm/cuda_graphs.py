@@ -317,8 +317,8 @@ class StepGraphs:
     `step(tensors, handle)` returns a tuple of tensors; `tensors` is a tuple of tensors or None; `handle` is an object
     (the host's conditioning) whose tensors `tensors_of(handle)` lists in a fixed order: the first call's handle is
     kept, and later calls copy their handle's tensors into it. The returned tensors (or Nones) are the graph's own
-    outputs: valid until the next call with that signature. `pause()` is a context in which the per-pass graphs stand aside (no capture inside a capture).
-    Eager off CUDA, and for good after a failed capture (`error` says why)."""
+    outputs: valid until the next call with that signature. `pause()` is a context in which the per-pass graphs stand
+    aside (no capture inside a capture). Eager off CUDA, and for good after a failed capture (`error` says why)."""
 
     def __init__(self, tensors_of: Callable[[object], list], pause: Callable[[], object], warmup: int = 2,
                  interrupts: tuple[type, ...] = (), pool=None):

@@ -156,7 +156,8 @@ class Trainer:
         def relative():
             starts = torch.stack([tensors[0][:-1], tensors[1][:-1]], dim=1).flatten(0, 1)
             teacher_delta = self.ddim_step(starts, two(self.s_from), two(self.s_delta), cond, self.data.cfg, student=False)
-            return self.ddim_step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True).unflatten(0, (n, 2))
+            targets = self.ddim_step(teacher_delta, two(self.s_delta), two(self.s_to), cond, 1.0, student=True)
+            return targets.unflatten(0, (n, 2))
         start = torch.cat([tensors[0][0:1], tensors[1][0:1]])
         (inputs, outputs), relative = self._beside_the_chain(
             tensors[0], lambda: self._chain(start, two, cond, torch.stack), relative)
@@ -209,20 +210,21 @@ class Trainer:
         student_turn = self.iteration % 2 == 1
         pending = self._pending if self._pending is not None and self._pending.iteration == self.iteration else None
         if pending is None and student_turn and self._resumed_pair is not None:
-            pending = self._pair_again(self._resumed_pair)
+            # saved between a pair's two iterations: the pair made again, as the uninterrupted run made it
+            self.rng.set_state(self._resumed_pair)
+            pending = self._draw_pair(self.iteration)[2]
         self._resumed_pair = None
         self._pending = pending
-        rng_pair = self.rng.get_state()
-        draws = pending.draws if pending else self.draw()
+        targets = pending.targets if pending else None
+        if pending:
+            draws = pending.draws
+        elif not student_turn and self.paired and cfg.uses_gan:
+            draws, targets, self._pending = self._draw_pair(self.iteration + 1)
+        else:
+            draws = self.draw()
         if not student_turn and not cfg.uses_gan:
             self.iteration += 1
             return {}
-        targets = pending.targets if pending else None
-        if not student_turn and self.paired:
-            rng_before = self.rng.get_state()
-            following = self.draw()
-            targets, following_targets = self.paired_targets(draws, following)
-            self._pending = _Pending(self.iteration + 1, following, following_targets, rng_before, rng_pair)
         result = self.backward(draws, student_turn, targets)
         self.optimizer_step(student_turn)
         if student_turn:
@@ -233,6 +235,17 @@ class Trainer:
             self.history["discriminator"].append(result["discriminator"])
         self.iteration += 1
         return result
+
+    def _draw_pair(self, following_iteration: int) -> tuple:
+        """A discriminators' iteration's draws and the next (student) iteration's, their targets computed in one
+        batch (whose float sums differ from unpaired ones in the last bits): (draws, their targets, the next one's
+        _Pending)."""
+        rng_pair = self.rng.get_state()
+        draws = self.draw()
+        rng_before = self.rng.get_state()
+        following = self.draw()
+        targets, following_targets = self.paired_targets(draws, following)
+        return draws, targets, _Pending(following_iteration, following, following_targets, rng_before, rng_pair)
 
     def optimizer_step(self, student_turn: bool) -> None:
         """The side's clipped optimizer step on the gradients backward() left, which then go: they are not kept through
@@ -432,15 +445,6 @@ class Trainer:
         # saved between a pair's two iterations: the student's turn computes the pair's targets again, bit for bit
         self._resumed_pair = tensors.get("rng_pair") if self.paired else None
 
-    def _pair_again(self, rng_pair: torch.Tensor) -> "_Pending":
-        """The pending half of a pair saved between its iterations: both draws made again from the state before the
-        first, the targets computed paired as the uninterrupted run did (batched float sums differ from unpaired)."""
-        self.rng.set_state(rng_pair)
-        first = self.draw()
-        rng_before = self.rng.get_state()
-        following = self.draw()
-        _, following_targets = self.paired_targets(first, following)
-        return _Pending(self.iteration, following, following_targets, rng_before, rng_pair)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
