@@ -11,7 +11,7 @@ training configuration (`checkpointing`), the 12 GB one (`checkpointing+heads1x1
 (`default`), the low-memory mode and the reference; the SD1.5 equivalence check. The ablations
 (`no_step_graphs`: per-pass graphs instead of each side's whole step, `no_graded_graphs`, `no_cuda_graphs`,
 `low_memory` alone, `no_paired`) and the options `targets_graph` (the targets as one graph, the student's chain on a
-second stream) and `cuda_graphs` (with `low_memory`: its step graphs, slot by slot) run when named in --variants.
+second stream) and `cuda_graphs` (Config(cuda_graphs=True), the default since 2026-12-04) run when named in --variants.
 Prints a table last; writes JSON with the card, torch version, date and this command."""
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no
 # no_paired: Config(paired_iterations=False), the discriminators' iteration not batched with the next one's no-grad
 # work; no_step_graphs: Config(step_graphs=False), per-pass graphs instead of each side's whole step; targets_graph:
 # Config(targets_graph=True), the targets as one graph, the chain on a second stream; cuda_graphs:
-# Config(cuda_graphs=True), with low_memory its step graphs slot by slot
+# Config(cuda_graphs=True), what None means since 2026-12-04 (low_memory included: its step graphs slot by slot)
 
 
 def import_host(comfyui: str | None):
@@ -568,7 +568,8 @@ def run_allocators(args, argv: list[str]) -> int:
         times = " ".join(f"{row['seconds_per_iteration'].get(a, float('nan')):22.3f}" for a in allocators)
         memory = "  ".join(f"{a}: {row['peak_reserved_gib'].get(a, float('nan')):.1f} / {row['device_used_gib_after'].get(a, float('nan')):.1f}"
                            for a in allocators)
-        print(f"{row['model']:6} {row['variant']:26} {times}  {row.get('ratio', float('nan')):5.2f}   {memory}")
+        variant = row["variant"] + (" (s per batch)" if row["variant"] == "trajectories" else "")
+        print(f"{row['model']:6} {variant:26} {times}  {row.get('ratio', float('nan')):5.2f}   {memory}")
     return 0
 
 

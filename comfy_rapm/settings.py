@@ -34,13 +34,13 @@ class Config:
     # how it runs
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    cuda_graphs: bool | None = None    # None: on unless low_memory (graphs keep one pass's activations per shape)
+    cuda_graphs: bool | None = None    # None: on (low_memory: one step graph replayed slot by slot)
     graded_graphs: bool | None = None  # the passes with grad too; None: as cuda_graphs
     # Each discriminators' iteration also computes the next (student) iteration's no-grad work, in one batch with its
     # own (the student's chain at batch 2, the teacher and frozen-student steps at 2N rows): the LoRA does not change
     # between the two (only the discriminators step), so the values and draws are those of separate iterations.
-    # Measured on an H200 with step graphs (bench/NOTES.md): SD1.5 −10% s/it under cudaMallocAsync, −12% natively, for
-    # +1.1 GiB; SDXL −3.5% / −9% for +2.4 GiB. Not with low_memory. perf.py's `no_paired` turns it off.
+    # Measured on an H200 with step graphs (bench/results/levers.json): SD1.5 −11% s/it under cudaMallocAsync, −13%
+    # natively, for +0.4 GiB reserved; SDXL −3.5% / −9% for +2.4 GiB (2026-12-03). Not with low_memory. perf.py's `no_paired` turns it off.
     paired_iterations: bool = True
     # Each side's whole step as one CUDA graph: the student's (its pass, the backbone's features, the heads, the
     # losses and the LoRA's gradients) instead of per-pass graphs with grad, the discriminators' (the backbone's
@@ -50,7 +50,8 @@ class Config:
     step_graphs: bool = True
     # With step graphs: an iteration's no-grad targets as one more graph, in which the student's batch-1 chain runs on
     # a second stream beside the teacher's Δ-step and the frozen student's step (they read only the stored positions).
-    # An option for A/B runs (perf.py `targets_graph`); off until measured.
+    # An option for A/B runs (perf.py `targets_graph`). Off: on an H200 (2026-12-04) it saved 3-4% on SD1.5 under both
+    # allocators and 2% on SDXL, under the 5% a default needs (predicted 15%: the chain's kernels were already queued).
     targets_graph: bool = False
 
     RUNTIME = ("discriminator_kernel", "discriminator_reads_up", "precision", "gradient_checkpointing", "cuda_graphs",
@@ -78,7 +79,7 @@ class Config:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return (not self.low_memory) if self.cuda_graphs is None else self.cuda_graphs
+        return True if self.cuda_graphs is None else self.cuda_graphs
 
     @property
     def uses_graded_graphs(self) -> bool:
@@ -86,7 +87,7 @@ class Config:
 
     @property
     def uses_step_graphs(self) -> bool:
-        return self.step_graphs and self.uses_cuda_graphs  # in low-memory mode only with cuda_graphs on
+        return self.step_graphs and self.uses_cuda_graphs  # low-memory mode: one slot's step graph, replayed per slot
 
     @property
     def uses_targets_graph(self) -> bool:
@@ -103,7 +104,7 @@ class Config:
 
 def out_of_memory_fix(config: Config) -> str:
     """The next memory setting to try, in order of what it costs: checkpointing (~9% time), 1×1 discriminator
-    heads, slot-by-slot back-propagation (several times slower), then a smaller LoRA."""
+    heads, slot-by-slot back-propagation (~1.3-1.7x slower), then a smaller LoRA."""
     if not config.gradient_checkpointing:
         return "turn on gradient_checkpointing"
     if config.discriminator_kernel != 1 and config.uses_gan:

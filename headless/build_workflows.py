@@ -96,14 +96,14 @@ WHERE_FILES_GO = """Files: the teacher checkpoint goes in models/checkpoints/ (t
 SD15_NOTE = f"""RAPM distillation of an SD1.5 model into a 4-step LoRA (paper: 'High Quality Diffusion Distillation on a Single GPU with Relative and Absolute Position Matching').
 
 1. Teacher Trajectories: 1,000 trajectories, N=4 coarse steps × M=25 DDIM steps each, teacher cfg 6 (batch_size 0 = auto; lower it if the teacher runs out of memory).
-2. RAPM Train: 20,000 iterations at batch 1 with PCM's settings (LoRA rank 64 alpha 8, lr 5e-6, weight decay 1e-3, discriminator lr 1e-5, Δ 20, adversarial weight 0.1). Defaults fit a 16 GB card; on a 12 GB card set discriminator_heads to 1x1, and only if that still runs out, low_memory (much slower). Speeds: README, Speed and memory.
+2. RAPM Train: 20,000 iterations at batch 1 with PCM's settings (LoRA rank 64 alpha 8, lr 5e-6, weight decay 1e-3, discriminator lr 1e-5, Δ 20, adversarial weight 0.1). Defaults fit a 16 GB card; on a 12 GB card set discriminator_heads to 1x1, and only if that still runs out, low_memory (about 1.7x slower). Speeds: README, Speed and memory.
 3. The comparison image shows the teacher (100 DDIM steps) and the student (4 steps) from the same seed.
 
 {WHERE_FILES_GO}"""
 
 SDXL_NOTE = f"""RAPM distillation of SDXL into a 4-step LoRA.
 
-PCM's SDXL settings: teacher cfg 7.5, lr 2e-6, weight decay 0, Δ 25, 1024×1024, 1,000 trajectories. The defaults fit a 24 GB card; on a 16 GB card also turn on low_memory (much slower). Speeds: README, Speed and memory.
+PCM's SDXL settings: teacher cfg 7.5, lr 2e-6, weight decay 0, Δ 25, 1024×1024, 1,000 trajectories. The defaults fit a 24 GB card; on a 16 GB card also turn on low_memory (about 1.3x slower). Speeds: README, Speed and memory.
 
 {WHERE_FILES_GO}"""
 

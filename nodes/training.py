@@ -40,7 +40,7 @@ class RAPMTrain:
         }, "optional": {
             "weight_decay": advanced(("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.0001, "tooltip": f"Student AdamW weight decay; -1 = the family's (PCM: {sd15.weight_decay:g} SD1.5-like, {sdxl.weight_decay:g} SDXL-like)."})),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute UNet blocks in backward: far less memory for a little more time. Turn off only with memory to spare."}),
-            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (the same gradients, one slot's graph alive at a time) without CUDA graphs: less memory, several times slower. For SDXL on a 16 GB card; for SD1.5 on a 12 GB card try discriminator_heads 1x1 first."}),
+            "low_memory": ("BOOLEAN", {"default": False, "tooltip": "Back-propagate slot by slot (the same gradients, one slot's graph alive at a time): less memory, about 1.3-1.7x slower. For SDXL on a 16 GB card; for SD1.5 on a 12 GB card try discriminator_heads 1x1 first."}),
             "precision": advanced((["auto", "bf16", "fp32"], {"tooltip": "auto: bf16 on GPUs that support it, fp32 elsewhere. bf16 also runs on the CPU (slowly)."})),
             "discriminator_heads": advanced((list(DISCRIMINATOR_HEADS), {"tooltip": "The discriminator heads' convolutions; auto = PCM's for the family (3x3 SD1.5-like, 1x1 SDXL-like). 1x1 needs far less memory: the setting for SD1.5 on a 12 GB card."})),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}

@@ -30,7 +30,7 @@ def test_perf_script_runs_on_a_miniature(host, tmp_path):
 def test_perf_ablations_run_when_named(host, tmp_path):
     out = tmp_path / "perf.json"
     ablations = ["no_graded_graphs", "no_cuda_graphs", "low_memory", "low_memory+heads1x1", "checkpointing+no_paired",
-                 "checkpointing+no_step_graphs", "checkpointing+targets_graph", "low_memory+checkpointing+cuda_graphs"]
+                 "checkpointing+no_step_graphs", "checkpointing+targets_graph", "low_memory+no_cuda_graphs"]
     assert perf.main(["--models", "tiny", "--iterations", "2", "--warmup", "1", "--rank", "4", "--skip-trajectories",
                       "--skip-equivalence", "--variants", ",".join(ablations), "--out", str(out)]) == 0
     training = json.loads(out.read_text())["models"]["tiny"]["training"]
@@ -38,8 +38,8 @@ def test_perf_ablations_run_when_named(host, tmp_path):
     assert all(r["pools_gib"] == {} for r in training.values())  # pools are the native CUDA allocator's
     assert training["checkpointing+no_paired"]["step_graphs"] == {"shapes": 0, "replays": 0, "failed": False, "error": None}
     assert training["checkpointing+no_step_graphs"]["step_graphs"] is None
-    assert training["low_memory"]["step_graphs"] is None  # low_memory keeps its eager path unless cuda_graphs is named
-    assert training["low_memory+checkpointing+cuda_graphs"]["step_graphs"] is not None
+    assert training["low_memory"]["step_graphs"] is not None  # low_memory steps through its step graphs by default
+    assert training["low_memory+no_cuda_graphs"]["step_graphs"] is None
 
 
 def test_perf_refuses_an_unknown_variant(host, tmp_path):

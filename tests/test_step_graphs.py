@@ -54,9 +54,10 @@ def test_the_whole_step_gives_the_losses_and_gradients_of_the_per_pass_backward(
     assert flat[0].norm() > 0 and _rel(flat[1], flat[0]) < 1e-4
 
 
-def test_low_memory_keeps_its_slot_by_slot_path(teacher, tset):
-    sess = session.Session(teacher, tset, _config(step_graphs=True, low_memory=True))
-    assert sess.run(lambda tr: tr.step_graphs) is None
+def test_low_memory_steps_through_step_graphs_unless_cuda_graphs_are_off(teacher, tset):
+    assert session.Session(teacher, tset, _config(low_memory=True)).run(lambda tr: tr.step_graphs) is not None
+    eager = session.Session(teacher, tset, _config(low_memory=True, cuda_graphs=False))
+    assert eager.run(lambda tr: (tr.step_graphs, eager.graphs)) == (None, None)
 
 
 def test_the_kept_conditioning_lines_up_between_trajectories(teacher, tset):
@@ -200,13 +201,13 @@ def test_the_targets_graph_option_runs_the_targets_through_their_own_step_graphs
             return [t for pair in out for t in pair]
         return sess.run(fit)
     assert all(torch.equal(a, b) for a, b in zip(paired(False), paired(True)))
-    assert session.Session(teacher, tset, _config(targets_graph=True, low_memory=True)).run(lambda tr: tr.targets_graphs) is None
+    assert session.Session(teacher, tset, _config(targets_graph=True, cuda_graphs=False)).run(lambda tr: tr.targets_graphs) is None
 
 
-def test_low_memory_with_cuda_graphs_steps_slot_by_slot_through_one_step_graph(teacher, tset):
-    """low_memory with cuda_graphs on: the student's step is one graph per slot (one shape, replayed per slot), the
-    gradients summed over the slots: the losses and gradients of low_memory's eager slot-by-slot backward."""
-    eager, eager_grads = _student_step(teacher, tset, False, low_memory=True)
+def test_low_memory_steps_slot_by_slot_through_one_step_graph(teacher, tset):
+    """low_memory (CUDA graphs on by default): the student's step is one graph per slot (one shape, replayed per slot),
+    the gradients summed over the slots: the losses and gradients of the eager slot-by-slot backward (cuda_graphs off)."""
+    eager, eager_grads = _student_step(teacher, tset, False, low_memory=True, cuda_graphs=False)
     calls = []
     real = cuda_graphs.StepGraphs.__call__
 
@@ -215,7 +216,7 @@ def test_low_memory_with_cuda_graphs_steps_slot_by_slot_through_one_step_graph(t
         return real(self, step, tensors, handle)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cuda_graphs.StepGraphs, "__call__", counted)
-        graphed, graphed_grads = _student_step(teacher, tset, True, low_memory=True, cuda_graphs=True)
+        graphed, graphed_grads = _student_step(teacher, tset, True, low_memory=True)
     assert calls[-4:] == [(1,) * 8] * 4  # the student's turn: four one-slot steps
     for key in ("loss", "huber", "generator"):
         assert graphed[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-8), key
