@@ -10,8 +10,8 @@ under ten minutes (H100): trajectories at the node's default batch size; the nod
 training configuration (`checkpointing`), the 12 GB one (`checkpointing+heads1x1`), checkpointing off
 (`default`), the low-memory mode and the reference; the SD1.5 equivalence check. The ablations
 (`no_step_graphs`: per-pass graphs instead of each side's whole step, `no_graded_graphs`, `no_cuda_graphs`,
-`low_memory` alone, `no_paired`) and the options `targets_graph` (the targets as one graph, the student's chain on a
-second stream) and `cuda_graphs` (Config(cuda_graphs=True), the default since 2026-12-04) run when named in --variants.
+`low_memory` alone, `no_paired`) and the option `targets_graph` (the targets as one graph, the student's chain on a
+second stream) run when named in --variants.
 Prints a table last; writes JSON with the card, torch version, date and this command."""
 from __future__ import annotations
 
@@ -56,11 +56,10 @@ POOLED = {"sd15": 768, "sdxl": 1280, "tiny": 768}
 ITERATIONS = {"sd15": (4, 10), "sdxl": (2, 6), "tiny": (4, 10)}
 DEFAULT_VARIANTS = "checkpointing,checkpointing+heads1x1,default,low_memory+checkpointing,reference"
 VARIANT_PARTS = {"default", "low_memory", "checkpointing", "no_cuda_graphs", "no_graded_graphs", "reference", "heads1x1",
-                 "no_paired", "no_step_graphs", "targets_graph", "cuda_graphs"}
+                 "no_paired", "no_step_graphs", "targets_graph"}
 # no_paired: Config(paired_iterations=False), the discriminators' iteration not batched with the next one's no-grad
 # work; no_step_graphs: Config(step_graphs=False), per-pass graphs instead of each side's whole step; targets_graph:
-# Config(targets_graph=True), the targets as one graph, the chain on a second stream; cuda_graphs:
-# Config(cuda_graphs=True), what None means since 2026-12-04 (low_memory included: its step graphs slot by slot)
+# Config(targets_graph=True), the targets as one graph, the chain on a second stream
 
 
 def import_host(comfyui: str | None):
@@ -241,7 +240,7 @@ def variant_config(kind, variant, iterations, rank):
     parts = variant_parts(variant)
     return make_config(
         kind, iterations, rank, low_memory="low_memory" in parts, gradient_checkpointing="checkpointing" in parts,
-        cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else (True if "cuda_graphs" in parts else None),
+        cuda_graphs=False if parts & {"no_cuda_graphs", "reference"} else None,
         graded_graphs=False if "no_graded_graphs" in parts else None,
         discriminator_kernel=1 if "heads1x1" in parts else None, paired_iterations="no_paired" not in parts,
         step_graphs="no_step_graphs" not in parts, targets_graph="targets_graph" in parts)

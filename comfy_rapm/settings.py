@@ -40,7 +40,8 @@ class Config:
     # own (the student's chain at batch 2, the teacher and frozen-student steps at 2N rows): the LoRA does not change
     # between the two (only the discriminators step), so the values and draws are those of separate iterations.
     # Measured on an H200 with step graphs (bench/results/levers.json): SD1.5 −11% s/it under cudaMallocAsync, −13%
-    # natively, for +0.4 GiB reserved; SDXL −3.5% / −9% for +2.4 GiB (2026-12-03). Not with low_memory. perf.py's `no_paired` turns it off.
+    # natively, for +0.4 GiB reserved; SDXL −3.5% / −9% for +2.4 GiB (2026-12-03). Not with low_memory. perf.py's
+    # `no_paired` turns it off.
     paired_iterations: bool = True
     # Each side's whole step as one CUDA graph: the student's (its pass, the backbone's features, the heads, the
     # losses and the LoRA's gradients) instead of per-pass graphs with grad, the discriminators' (the backbone's

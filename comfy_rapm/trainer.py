@@ -123,9 +123,11 @@ class Trainer:
     def targets(self, positions: torch.Tensor, cond):
         """The no-grad part of an iteration: the student's own chain and the relative targets.
         Returns (student inputs z_{n+1}, student outputs z_n, relative targets ẑ_n), each (N, C, H, W)."""
-        if self.targets_graphs is not None:
-            return tuple(self.targets_graphs(self._targets, (positions,), cond))
-        return self._targets((positions,), cond)
+        return self._as_targets_graph(self._targets, (positions,), cond)
+
+    def _as_targets_graph(self, targets: Callable, tensors: tuple, cond) -> tuple:
+        """targets(tensors, cond), replayed from a CUDA graph when Config.targets_graph is on."""
+        return tuple(targets(tensors, cond) if self.targets_graphs is None else self.targets_graphs(targets, tensors, cond))
 
     def _targets(self, tensors: tuple, cond) -> tuple:
         positions, = tensors
@@ -142,10 +144,7 @@ class Trainer:
         host tiles the batch-2 conditioning over the batch. Returns (first's targets, second's targets)."""
         pos = tuple(self.data.positions[d.index].to(self.device, torch.float32) for d in (first, second))
         cond = self.data.paired_conditioning(first.index, second.index)
-        if self.targets_graphs is not None:
-            inputs, outputs, relative = self.targets_graphs(self._paired_targets, pos, cond)
-        else:
-            inputs, outputs, relative = self._paired_targets(pos, cond)
+        inputs, outputs, relative = self._as_targets_graph(self._paired_targets, pos, cond)
         return tuple(tuple(None if t is None else t[:, k] for t in (inputs, outputs, relative)) for k in (0, 1))
 
     def _paired_targets(self, tensors: tuple, cond) -> tuple:
@@ -444,7 +443,6 @@ class Trainer:
         self._pending = None
         # saved between a pair's two iterations: the student's turn computes the pair's targets again, bit for bit
         self._resumed_pair = tensors.get("rng_pair") if self.paired else None
-
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
